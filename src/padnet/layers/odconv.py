@@ -1,0 +1,141 @@
+"""Partially dynamic omni-dimensional dynamic convolution (ODConv, Li et al., ICLR 2022).
+
+ODConv mixes K kernels with a kernel attention and scales the result along the three other
+dimensions of the kernel: output filters, input channels and the k x k spatial positions::
+
+    Theta_hat(x) = a_f(x) * a_c(x) * a_s(x) * sum_k a_k(x) W_k
+    W(x)         = lam_d * M * Theta_hat(x) + lam_s * (1 - M) * W_s
+
+The attentions are rank-one factors, so ``M * Theta_hat = a_f a_c a_s * sum_k a_k (M * W_k)``: the
+mask folds into the kernels once per forward and the attentions are applied to the mixed kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from padnet.layers.dynamic_conv import INITS, PerSampleConv2d
+from padnet.layers.routing import ODAttention, ODConvRouter
+from padnet.ops.conv import aggregate_weights
+
+__all__ = ["ODConv2d"]
+
+
+class ODConv2d(PerSampleConv2d):
+    """Partially dynamic ODConv. Arguments as :class:`~padnet.layers.DynamicConv2d`; the router
+    has one hidden layer of width ``max(in_channels // reduction, min_hidden)`` and four heads.
+
+    Execution paths: ``grouped`` and ``unfold`` (the spatial attention differs per sample, so the
+    shared-kernel ``mixture`` path does not apply).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        num_kernels: int = 4,
+        reduction: float = 16,
+        min_hidden: int = 16,
+        temperature: float = 1.0,
+        dynamic_ratio: float = 1.0,
+        scale_mode: str = "both",
+        path: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, num_kernels=num_kernels, dynamic_ratio=dynamic_ratio,
+            scale_mode=scale_mode, path=path, device=device, dtype=dtype,
+        )
+        self.router = ODConvRouter(
+            in_channels, out_channels, self.kernel_size, num_kernels, reduction=reduction,
+            min_hidden=min_hidden, temperature=temperature, device=device, dtype=dtype,
+        )
+
+    @classmethod
+    def supported_paths(cls) -> tuple[str, ...]:
+        return ("auto", "grouped", "unfold")
+
+    def resolve_path(self, batch: int) -> str:
+        return "grouped" if self._path == "auto" else self._path
+
+    def route(self, x: Tensor) -> ODAttention:
+        return self.router(x)
+
+    def check_routing(self, routing: ODAttention, batch: int) -> ODAttention:
+        kh, kw = self.kernel_size
+        expected = {
+            "kernel": (batch, self.num_kernels),
+            "channel": (batch, self.in_channels),
+            "filter": (batch, self.out_channels),
+            "spatial": (batch, kh * kw),
+        }
+        if not isinstance(routing, tuple) or len(routing) != 4:
+            raise ValueError(
+                "routing_weights must be an ODAttention(kernel, channel, filter, spatial) with "
+                f"shapes {expected}, got {type(routing).__name__}"
+            )
+        routing = ODAttention(*routing)
+        for name, shape in expected.items():
+            got = getattr(routing, name)
+            if not isinstance(got, Tensor) or tuple(got.shape) != shape:
+                raise ValueError(f"routing_weights.{name} must have shape {shape}, got "
+                                 f"{tuple(got.shape) if isinstance(got, Tensor) else got!r}")
+        return routing
+
+    def kernel_routing(self, routing: ODAttention) -> Tensor:
+        return routing.kernel
+
+    def attention_tensor(self, att: ODAttention) -> Tensor:
+        """Product ``a_f * a_c * a_s`` broadcast to ``(B, C_out, C_in/g, kh, kw)``."""
+        b, g = att.kernel.shape[0], self.groups
+        c_out, c_in = self.out_channels, self.in_channels
+        kh, kw = self.kernel_size
+        # input-channel attention of group j belongs to output channels of group j
+        chan = att.channel.view(b, g, 1, c_in // g).expand(b, g, c_out // g, c_in // g)
+        chan = chan.reshape(b, c_out, c_in // g, 1, 1)
+        return att.filter.view(b, c_out, 1, 1, 1) * chan * att.spatial.view(b, 1, 1, kh, kw)
+
+    def sample_weights(self, routing: ODAttention) -> Tensor:
+        mixed = aggregate_weights(routing.kernel, self.pad.dynamic(self.weight))  # (B, *shape)
+        return mixed * self.attention_tensor(routing) + self.pad.static(self.static_weight)
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, *, num_kernels: int = 4, init: str = "copy",
+        noise_std: float = 0.01, **kwargs,
+    ) -> ODConv2d:
+        """An ODConv layer that starts from a trained ``nn.Conv2d``.
+
+        ``init='copy'`` zeroes the four attention heads (kernel attention ``1/K``, the three
+        sigmoid attentions 0.5) and scales the kernel copies by 8, so the output is unchanged for
+        any mask; ``'copy_noise'`` adds relative noise ``noise_std``; ``'kaiming'`` is random.
+        """
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+            num_kernels=num_kernels, device=conv.weight.device, dtype=conv.weight.dtype, **kwargs,
+        )
+        if init != "kaiming":
+            for fc in layer.router.output_layers():
+                nn.init.zeros_(fc.weight)
+                nn.init.zeros_(fc.bias)
+            layer.load_dense(
+                conv.weight, conv.bias, scale=8.0,
+                noise_std=noise_std if init == "copy_noise" else 0.0,
+            )
+            if layer.bias is not None and conv.bias is not None:
+                layer.bias.data.copy_(conv.bias.expand_as(layer.bias))  # bias skips attention
+        return layer.train(conv.training)
