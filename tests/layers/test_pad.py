@@ -1,0 +1,64 @@
+"""The shared PAD mechanism: mask counts, tie breaking, scale factors, state tracking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from padnet.layers import ModeMask, mask_from_scores, set_scale_mode
+from padnet.layers.dynamic_conv import DynamicConv2d
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.3, 0.5, 0.77, 1.0])
+def test_set_ratio_gives_exact_counts(ratio):
+    pad = ModeMask((6, 5, 3), 4)
+    pad.set_ratio(ratio, generator=torch.Generator().manual_seed(0))
+    assert pad.num_dynamic == round(ratio * 90)
+    assert pad.mask.dtype == torch.bool and pad.mask.shape == (6, 5, 3)
+
+
+def test_mask_from_scores_keeps_highest_and_breaks_ties_by_index():
+    scores = torch.tensor([[0.5, 0.9, 0.5], [0.1, 0.5, 0.9]])
+    mask = mask_from_scores(scores, 3)
+    # both 0.9 stay; of the three 0.5 ties the lowest flat index (0) wins
+    assert mask.tolist() == [[True, True, False], [False, False, True]]
+    assert mask_from_scores(torch.zeros(7), 4).tolist() == [True] * 4 + [False] * 3
+    with pytest.raises(ValueError, match="num_dynamic must be in \\[0, 7\\], got 8"):
+        mask_from_scores(torch.zeros(7), 8)
+
+
+def test_state_follows_in_place_changes_and_state_dict_loads():
+    pad = ModeMask((4, 4), 2)
+    assert pad.state() == "dynamic"
+    pad.set_ratio(0.0)
+    assert pad.state() == "static"
+    pad.load_state_dict({"mask": torch.eye(4), "phi": torch.tensor(0.0)})  # float 0/1 accepted
+    assert pad.state() == "mixed" and pad.num_dynamic == 4
+    pad.probe = torch.ones(4, 4, requires_grad=True)
+    assert pad.state() == "mixed"
+
+
+def test_probe_carries_the_gradient_with_respect_to_the_mask():
+    layer = DynamicConv2d(2, 3, 3, padding=1, num_kernels=2, dynamic_ratio=0.5).double()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    y0 = layer(x)
+    layer.pad.probe = layer.pad.mask.double().requires_grad_(True)
+    y = layer(x)
+    torch.testing.assert_close(y, y0)
+    y.sum().backward()
+    assert layer.pad.probe.grad.shape == layer.pad.mask.shape
+    assert layer.pad.probe.grad.abs().sum() > 0
+
+
+def test_set_scale_mode_on_a_model_and_errors():
+    model = torch.nn.Sequential(DynamicConv2d(2, 2, 1), DynamicConv2d(2, 2, 1))
+    assert set_scale_mode(model, "none") == 2
+    assert all(not m.pad.phi.requires_grad for m in model)
+    with pytest.raises(ValueError, match="scale_mode must be one of .*'x'"):
+        set_scale_mode(model, "x")
+    with pytest.raises(ValueError, match="num_factors must be >= 1, got 0"):
+        ModeMask((2,), 0)
+    with pytest.raises(ValueError, match=r"mask must have shape \(2,\), got \(3,\)"):
+        ModeMask((2,), 1).set_mask(torch.ones(3))
+    with pytest.raises(TypeError, match="dynamic_ratio must be a number"):
+        ModeMask((2,), 1, dynamic_ratio="half")
