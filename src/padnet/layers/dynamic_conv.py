@@ -166,8 +166,8 @@ class PerSampleConv2d(nn.Module):
 
     def sample_weights(self, routing) -> Tensor:  # noqa: ANN001
         """Per-sample PAD kernels ``(B, C_out, C_in/g, kh, kw)``."""
-        dyn = self.pad.dynamic(self.weight)
-        return aggregate_weights(routing, dyn, self.pad.static(self.static_weight))
+        # mixing first and masking after costs B*N instead of K*N products when B < K
+        return self.pad.combine(aggregate_weights(routing, self.weight), self.static_weight)
 
     def kernel_routing(self, routing) -> Tensor:  # noqa: ANN001
         """The ``(B, K)`` kernel-mixing part of the routing."""

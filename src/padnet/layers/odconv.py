@@ -107,8 +107,8 @@ class ODConv2d(PerSampleConv2d):
         return att.filter.view(b, c_out, 1, 1, 1) * chan * att.spatial.view(b, 1, 1, kh, kw)
 
     def sample_weights(self, routing: ODAttention) -> Tensor:
-        mixed = aggregate_weights(routing.kernel, self.pad.dynamic(self.weight))  # (B, *shape)
-        return mixed * self.attention_tensor(routing) + self.pad.static(self.static_weight)
+        theta = aggregate_weights(routing.kernel, self.weight) * self.attention_tensor(routing)
+        return self.pad.combine(theta, self.static_weight)  # (B, C_out, C_in/g, kh, kw)
 
     @classmethod
     def from_conv(

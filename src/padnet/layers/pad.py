@@ -187,16 +187,21 @@ class ModeMask(nn.Module):
     # ---- folding -------------------------------------------------------------------------
     def dynamic(self, weight: Tensor) -> Tensor:
         """``lam_d * M * weight`` for dynamic factors of shape ``(..., *shape)``."""
-        lam_d, _ = self.scales()
-        return weight * (lam_d.to(weight.dtype) * self.mask_as(weight))
+        lam_d = self.scales()[0].to(weight.dtype)
+        if self.state() == "dynamic":  # M = 1: skip the mask
+            return weight * lam_d
+        return weight * (lam_d * self.mask_as(weight))
 
     def static(self, static_weight: Tensor) -> Tensor:
         """``lam_s * (1 - M) * static_weight`` for a static weight of shape ``shape``."""
-        _, lam_s = self.scales()
-        return static_weight * (lam_s.to(static_weight.dtype) * (1.0 - self.mask_as(static_weight)))
+        lam_s = self.scales()[1].to(static_weight.dtype)
+        return static_weight * (lam_s * (1.0 - self.mask_as(static_weight)))
 
     def combine(self, theta_hat: Tensor, static_weight: Tensor) -> Tensor:
-        """``W = lam_d M * theta_hat + lam_s (1 - M) * W_s`` for a mixed weight ``theta_hat``."""
+        """``W = lam_d M * theta_hat + lam_s (1 - M) * W_s`` for mixed weights ``theta_hat``
+        of shape ``(..., *shape)`` (e.g. one per sample); the static part is broadcast."""
+        if self.state() == "dynamic":  # nothing static to add
+            return self.dynamic(theta_hat)
         return self.dynamic(theta_hat) + self.static(static_weight)
 
     def extra_repr(self) -> str:

@@ -89,7 +89,9 @@ class ConvRouter(nn.Module):
         if self.activation == "sigmoid":
             return torch.sigmoid(self.fc(pooled))
         logits = self.fc2(F.relu(self.fc1(pooled)))
-        return torch.softmax(logits / self.temperature, dim=-1)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=-1)
 
     def output_layers(self) -> list[nn.Linear]:
         """The layers that produce the logits (zeroed to make sigmoid routing constant)."""

@@ -169,11 +169,6 @@ def choose_path(batch: int, num_kernels: int, groups: int, in_channels: int) -> 
     """The execution path that ``path='auto'`` picks for a batch of ``batch`` samples.
 
     Rules drawn from ``benchmarks/conv_layers.py`` (CPU): a single sample runs the aggregated
-    weight as one plain convolution; depthwise layers prefer the mixture (grouped convolutions
-    with ``groups = C * B`` are slow there); otherwise the grouped convolution.
+    weight as one plain convolution; otherwise the grouped convolution.
     """
-    if batch == 1:
-        return "grouped"
-    if groups == in_channels and groups > 1:
-        return "mixture"
     return "grouped"
