@@ -159,8 +159,12 @@ class ModeMask(nn.Module):
         ratio = check_ratio(dynamic_ratio)
         k = round(ratio * self.numel)
         if scores is None:
-            scores = torch.rand(self.shape, generator=generator).to(self.mask.device)
-        elif tuple(scores.shape) != self.shape:
+            chosen = torch.randperm(self.numel, generator=generator)[:k]
+            mask = torch.zeros(self.numel, dtype=torch.bool)
+            mask[chosen] = True
+            self.set_mask(mask.view(self.shape))
+            return
+        if tuple(scores.shape) != self.shape:
             raise ValueError(f"scores must have shape {self.shape}, got {tuple(scores.shape)}")
         self.set_mask(mask_from_scores(scores, k))
 

@@ -1,0 +1,66 @@
+"""The command line, run in-process on tiny inputs in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import padnet
+from padnet.cli.main import main
+from padnet.models import create_model
+
+
+def test_list_prints_models_and_methods(capsys):
+    assert main(["list", "resnet*"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet20" in out and "mobilenet_v2" not in out and "dyconv" in out
+
+
+def test_convert_checks_and_saves_loadable_weights(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    argv = ["convert", "--model", "resnet8", "--method", "condconv", "--dynamic-ratio", "0.5",
+            "--check", "--batch-size", "4", "--image-size", "16", "--data-dir", str(tmp_path),
+            "--out", str(out_dir)]
+    # an explicit --data-dir without the files is an error that says how to get them
+    assert main(argv) == 2
+    assert "apt-get" in capsys.readouterr().err
+    argv.remove("--data-dir")
+    argv.remove(str(tmp_path))
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "condconv: converted" in out and "top-1 agreement 100.0%" in out
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["check"]["relative_max_diff"] < 1e-5
+    assert abs(summary["stats"]["dynamic_ratio"] - 0.5) < 0.01
+
+    model = padnet.dynamize(create_model("resnet8", num_classes=10), "condconv")
+    model.load_state_dict(load_file(out_dir / "model.safetensors"))
+    assert abs(padnet.stats(model).dynamic_ratio - 0.5) < 0.01
+    assert not list(out_dir.glob(".*.tmp"))  # no temporary files left behind
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["convert", "--model", "nope"], "nope"),
+        (["convert", "--method", "moe2"], "method must be one of"),
+        (["convert", "--dynamic-ratio", "1.5"], "dynamic_ratio must be in [0, 1], got 1.5"),
+    ],
+)
+def test_user_errors_are_one_line_messages(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_module_entry_point_runs():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "padnet", "--version"], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.startswith("padnet ")
+    assert torch.__version__  # torch imported alongside
