@@ -36,9 +36,9 @@ MODELS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in l
 def test_registry_sweep_forward_backward(name, variant):
     model = make(name).train()
     if variant != "static":
-        padnet.dynamize(model, METHODS[list_models().index(name) % 3] if variant == "pad" else "dyconv",
-                        num_kernels=2, dynamic_ratio=1.0 if variant == "dynamic" else 0.3,
-                        init="kaiming")
+        method = METHODS[list_models().index(name) % 3] if variant == "pad" else "dyconv"
+        ratio = 1.0 if variant == "dynamic" else 0.3
+        padnet.dynamize(model, method, num_kernels=2, dynamic_ratio=ratio, init="kaiming")
         assert len(model.padnet_report) > 0
     out = model(batch(name))
     assert out.shape == (2, 7) and torch.isfinite(out).all()
