@@ -62,3 +62,27 @@ def test_set_scale_mode_on_a_model_and_errors():
         ModeMask((2,), 1).set_mask(torch.ones(3))
     with pytest.raises(TypeError, match="dynamic_ratio must be a number"):
         ModeMask((2,), 1, dynamic_ratio="half")
+
+
+def test_observed_moments_equal_per_sample_statistics():
+    from padnet.layers import ODConv2d
+    from reference import make_routing, mixed_kernel
+
+    for layer in (DynamicConv2d(3, 4, 3, num_kernels=3, routing="sigmoid").double(),
+                  ODConv2d(4, 4, 3, groups=2, num_kernels=2).double()):
+        x = torch.randn(5, layer.in_channels, 6, 6, dtype=torch.float64)
+        routing = make_routing(layer, 5, torch.Generator().manual_seed(0), torch.float64)
+        layer(x, routing)  # not observing: nothing recorded
+        assert layer.pad.observed == 0
+        layer.pad.observing = True
+        layer(x[:2], routing[:2] if isinstance(routing, torch.Tensor) else type(routing)(
+            *(r[:2] for r in routing)))
+        layer(x, routing)
+        thetas = torch.stack([mixed_kernel(layer, routing, b) for b in range(5)])
+        thetas = torch.cat([thetas[:2], thetas]).detach()
+        mean, var = layer.pad.theta_moments()
+        torch.testing.assert_close(mean, thetas.mean(0))
+        torch.testing.assert_close(var, thetas.var(0, unbiased=False))
+        layer.pad.reset_observation()
+        with pytest.raises(RuntimeError, match="no Theta_hat observed"):
+            layer.pad.theta_moments()

@@ -197,6 +197,8 @@ class PerSampleConv2d(nn.Module):
             routing_weights, x.shape[0]
         )
         bias = self.mix_bias(self.kernel_routing(routing))
+        if self.pad.observing:
+            self.observe(routing)
         xp, conv_pad = pad_input(x, self._pad4, self.padding_mode)
         geometry = (self.stride, conv_pad, self.dilation, self.groups)
         state = self.pad.state()
@@ -212,6 +214,10 @@ class PerSampleConv2d(nn.Module):
 
     def forward_mixture(self, xp, routing, bias, geometry, *, with_static: bool) -> Tensor:  # noqa: ANN001
         raise NotImplementedError
+
+    def observe(self, routing) -> None:  # noqa: ANN001
+        """Report this batch's fully dynamic kernels to the mode mask (see ModeMask.observe)."""
+        self.pad.observe_mixture(routing, self.weight)
 
     def extra_repr(self) -> str:
         s = (

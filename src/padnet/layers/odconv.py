@@ -93,6 +93,13 @@ class ODConv2d(PerSampleConv2d):
                                  f"{tuple(got.shape) if isinstance(got, Tensor) else got!r}")
         return routing
 
+    def theta_hat(self, routing: ODAttention) -> Tensor:
+        """Fully dynamic kernels ``(B, C_out, C_in/g, kh, kw)`` before the mode mask."""
+        return aggregate_weights(routing.kernel, self.weight) * self.attention_tensor(routing)
+
+    def observe(self, routing: ODAttention) -> None:
+        self.pad.observe(self.theta_hat(routing))
+
     def kernel_routing(self, routing: ODAttention) -> Tensor:
         return routing.kernel
 
@@ -107,8 +114,7 @@ class ODConv2d(PerSampleConv2d):
         return att.filter.view(b, c_out, 1, 1, 1) * chan * att.spatial.view(b, 1, 1, kh, kw)
 
     def sample_weights(self, routing: ODAttention) -> Tensor:
-        theta = aggregate_weights(routing.kernel, self.weight) * self.attention_tensor(routing)
-        return self.pad.combine(theta, self.static_weight)  # (B, C_out, C_in/g, kh, kw)
+        return self.pad.combine(self.theta_hat(routing), self.static_weight)
 
     @classmethod
     def from_conv(

@@ -68,6 +68,9 @@ class ModeMask(nn.Module):
         phi: learnable scalar behind the scale factors (frozen in modes ``none`` and ``prune``).
         probe: optional float tensor used instead of ``mask`` in the forward pass, so that a
             partitioning algorithm can read the gradient of the loss with respect to the mask.
+        observing: while True, layers report the fully dynamic weight ``Theta_hat(x)`` of every
+            sample / token they process (:meth:`observe`, :meth:`observe_mixture`); the running
+            first and second moments serve partitioning (mean static init, variance score).
     """
 
     mask: Tensor
@@ -91,6 +94,8 @@ class ModeMask(nn.Module):
         self.register_buffer("mask", torch.ones(self.shape, dtype=torch.bool, device=device))
         self.phi = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
         self.probe: Tensor | None = None
+        self.observing = False
+        self.reset_observation()
         self.scale_mode = "both"
         self.set_scale_mode(scale_mode)
         ratio = check_ratio(dynamic_ratio)
@@ -187,6 +192,53 @@ class ModeMask(nn.Module):
         """The mask (or the probe, when set) as a float tensor of ``like``'s dtype and device."""
         m = self.probe if self.probe is not None else self.mask
         return m.to(device=like.device, dtype=like.dtype)
+
+    # ---- observation of Theta_hat (for partitioning) -------------------------------------
+    def reset_observation(self) -> None:
+        """Forget the observed moments of ``Theta_hat``."""
+        self.theta_sum: Tensor | None = None
+        self.theta_sq_sum: Tensor | None = None
+        self.observed = 0
+
+    @torch.no_grad()
+    def _accumulate(self, total: Tensor, sq_total: Tensor, count: int) -> None:
+        total, sq_total = total.double(), sq_total.double()
+        if self.theta_sum is None:
+            self.theta_sum, self.theta_sq_sum = total, sq_total
+        else:
+            self.theta_sum += total
+            self.theta_sq_sum += sq_total
+        self.observed += int(count)
+
+    @torch.no_grad()
+    def observe(self, theta: Tensor) -> None:
+        """Record per-sample fully dynamic weights ``theta`` of shape ``(n, *shape)``."""
+        if self.observing:
+            t = theta.detach().reshape(-1, *self.shape)
+            self._accumulate(t.sum(0), t.square().sum(0), t.shape[0])
+
+    @torch.no_grad()
+    def observe_mixture(self, coeffs: Tensor, weights: Tensor) -> None:
+        """Record ``Theta_hat = sum_k coeffs[:, k] * weights[k]`` for n samples or tokens.
+
+        ``coeffs (n, K)``, ``weights (K, *shape)``. The moments are formed from ``C^T C``
+        (``K x K``), so nothing of size ``n * N`` is materialised.
+        """
+        if not self.observing:
+            return
+        c = coeffs.detach().double().reshape(-1, self.num_factors)
+        w = weights.detach().double().reshape(self.num_factors, -1)  # (K, N)
+        total = (c.sum(0) @ w).view(self.shape)
+        gram = c.T @ c  # (K, K)
+        sq_total = ((gram @ w) * w).sum(0).view(self.shape)  # sum_kl G_kl W_k W_l
+        self._accumulate(total, sq_total, c.shape[0])
+
+    def theta_moments(self) -> tuple[Tensor, Tensor]:
+        """Mean and variance of the observed ``Theta_hat`` per position (float64)."""
+        if not self.observed:
+            raise RuntimeError("no Theta_hat observed: run forward passes with observing=True")
+        mean = self.theta_sum / self.observed
+        return mean, (self.theta_sq_sum / self.observed - mean.square()).clamp_min(0.0)
 
     # ---- folding -------------------------------------------------------------------------
     def dynamic(self, weight: Tensor) -> Tensor:

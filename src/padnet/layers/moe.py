@@ -1,0 +1,365 @@
+"""Token-level mixture of experts with partially dynamic experts (PAD-MoE, PADNET.md §2b).
+
+Each token goes through its top-k experts, two-matrix FFNs ``act(x W1_e^T + b1_e) W2_e^T + b2_e``
+whose outputs are summed weighted by the gates. Expert weights are 3-D tensors. PAD: per expert
+matrix one static weight and one :class:`~padnet.layers.pad.ModeMask`, both shared by the experts;
+the effective weight of expert e is ``lam_d * M * W_e + lam_s * (1 - M) * W_s``.
+Biases stay fully dynamic (per expert, neither masked nor scaled).
+
+Execution: routing in :mod:`padnet.ops.routing`, sort-by-expert dispatch and grouped matmuls in
+:mod:`padnet.ops.dispatch`. The static part is added one of two ways (same result):
+
+* ``'fold'``: build ``W_e(eff) = D_e + S`` once per forward (E weight-sized passes; best when the
+  number of tokens is large against E);
+* ``'shared'``: treat ``S`` as a shared expert, per matrix: ``x S1^T`` is computed once for all
+  tokens and added to every routed pre-activation, and since the second matrix is linear,
+  ``sum_e g_e h_e S2^T = (sum_e g_e h_e) S2^T`` is one more dense matmul (best for few tokens).
+
+Where the mask is all ones, or static positions are zero (scale mode ``prune``), the static part
+is skipped entirely.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from padnet.layers.pad import ModeMask
+from padnet.ops import dispatch as dsp
+from padnet.ops import routing as rt
+
+__all__ = ["ACTIVATIONS", "MoE", "STATIC_PATHS"]
+
+#: Activations by name; ``gelu`` is the exact (erf) GELU of PyTorch and Hugging Face BERT.
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+#: How the static part of PAD experts is computed.
+STATIC_PATHS = ("auto", "fold", "shared")
+INITS = ("copy", "copy_noise", "kaiming")
+_PATHS = ("auto", *dsp.GROUPED_PATHS)
+
+
+def _positive_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _non_negative(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _dynamic(pad: ModeMask, weight: Tensor) -> Tensor:
+    """``lam_d * M * weight`` (via ``pad``), skipping the work where it is the identity."""
+    if pad.state() == "dynamic":
+        lam_d, _ = pad.scales()
+        if not lam_d.requires_grad and float(lam_d) == 1.0:
+            return weight
+        return weight * lam_d.to(weight.dtype)
+    return pad.dynamic(weight)
+
+
+def _folded(pad: ModeMask, weight: Tensor, static_weight: Tensor) -> Tensor:
+    """``pad.combine(weight, static_weight)`` ``(E, out, in)``, adding the static part in place
+    into the fresh dynamic product (saves one weight-sized allocation; autograd-safe, since the
+    product's backward does not need its output)."""
+    dyn = pad.dynamic(weight)
+    if dyn.data_ptr() == weight.data_ptr():  # never write into the parameter itself
+        return dyn + pad.static(static_weight)
+    return dyn.add_(pad.static(static_weight))
+
+
+class MoE(nn.Module):
+    """Mixture of ``num_experts`` FFN experts ``hidden -> intermediate -> hidden``, top-k routed.
+
+    Args:
+        hidden_size, intermediate_size: FFN sizes.
+        num_experts: E >= 1. top_k: experts per token, in [1, E].
+        activation: a name from :data:`ACTIVATIONS` or a callable (an ``nn.Module`` is registered
+            as a child ``act``).
+        bias: per-expert biases ``b1``, ``b2``.
+        capacity_factor: None (dropless, default) or > 0: each expert keeps at most
+            ``ceil(capacity_factor * tokens * top_k / E)`` assignments (see
+            :func:`padnet.ops.routing.capacity_keep`); a token that loses all its experts gets 0.
+        router_noise: None, ``'jitter'`` (input times U(1 - noise_std, 1 + noise_std)) or
+            ``'gaussian'`` (logits plus N(0, noise_std^2)); training mode only.
+        load_balance_coef, z_loss_coef: weights of the auxiliary losses in ``aux_loss``.
+        dynamic_ratio, scale_mode: PAD mode masks ``pad1``, ``pad2`` (see ``ModeMask``).
+        path: grouped matmul, ``'auto'``, ``'loop'`` or ``'bmm'``.
+        static_path: ``'auto'``, ``'fold'`` or ``'shared'`` (module docstring).
+
+    Shapes: ``forward(x (..., hidden), padding_mask (...) | None) -> (..., hidden)``. After each
+    forward, ``aux_loss`` holds ``load_balance_coef * LB + z_loss_coef * Z`` (0-dim, float32) and
+    ``aux_terms`` the detached terms plus ``expert_counts`` (kept assignments per expert).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int = 8,
+        top_k: int = 2,
+        *,
+        activation: str | Callable[[Tensor], Tensor] = "gelu",
+        bias: bool = True,
+        capacity_factor: float | None = None,
+        router_noise: str | None = None,
+        noise_std: float = 0.01,
+        load_balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        dynamic_ratio: float = 1.0,
+        scale_mode: str = "both",
+        path: str = "auto",
+        static_path: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        h = _positive_int(hidden_size, "hidden_size")
+        i = _positive_int(intermediate_size, "intermediate_size")
+        rt.check_routing_args(num_experts, top_k, capacity_factor)
+        if router_noise is not None and router_noise not in rt.NOISE_TYPES:
+            raise ValueError(
+                f"router_noise must be one of {rt.NOISE_TYPES} or None, got {router_noise!r}"
+            )
+        if path not in _PATHS:
+            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+        if static_path not in STATIC_PATHS:
+            raise ValueError(f"static_path must be one of {STATIC_PATHS}, got {static_path!r}")
+        self.hidden_size, self.intermediate_size = h, i
+        self.num_experts, self.top_k = num_experts, top_k
+        self.capacity_factor = capacity_factor
+        self.router_noise = router_noise
+        self.noise_std = _non_negative(noise_std, "noise_std")
+        self.load_balance_coef = _non_negative(load_balance_coef, "load_balance_coef")
+        self.z_loss_coef = _non_negative(z_loss_coef, "z_loss_coef")
+        self.path, self.static_path = path, static_path
+        self._set_activation(activation)
+
+        kw = {"device": device, "dtype": dtype}
+        e = num_experts
+        self.router = nn.Linear(h, e, bias=False, **kw)
+        self.w1 = nn.Parameter(torch.empty(e, i, h, **kw))
+        self.b1 = nn.Parameter(torch.empty(e, i, **kw)) if bias else None
+        self.w2 = nn.Parameter(torch.empty(e, h, i, **kw))
+        self.b2 = nn.Parameter(torch.empty(e, h, **kw)) if bias else None
+        self.w1_static = nn.Parameter(torch.empty(i, h, **kw))
+        self.w2_static = nn.Parameter(torch.empty(h, i, **kw))
+        pad_kw = {"dynamic_ratio": dynamic_ratio, "scale_mode": scale_mode, **kw}
+        self.pad1 = ModeMask((i, h), e, **pad_kw)
+        self.pad2 = ModeMask((h, i), e, **pad_kw)
+        #: padding mask used when ``forward`` gets none and its shape matches ``x.shape[:-1]``
+        #: (set by the BERT converter's hook from the model's ``attention_mask``).
+        self.padding_mask_hint: Tensor | None = None
+        self.aux_loss: Tensor | None = None
+        self.aux_terms: dict[str, Tensor] = {}
+        self.reset_parameters()
+
+    def _set_activation(self, activation: str | Callable[[Tensor], Tensor]) -> None:
+        if isinstance(activation, str):
+            if activation not in ACTIVATIONS:
+                raise ValueError(
+                    f"activation must be one of {tuple(ACTIVATIONS)} or a callable, "
+                    f"got {activation!r}"
+                )
+            self.activation_name, self.act = activation, ACTIVATIONS[activation]
+        elif callable(activation):
+            self.activation_name = type(activation).__name__
+            self.act = activation  # an nn.Module becomes a child module
+        else:
+            raise TypeError(f"activation must be a string or a callable, got {activation!r}")
+
+    # ---- initialisation ------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Experts and static weights like ``nn.Linear``; router ``N(0, 0.1 / hidden)``."""
+        nn.init.normal_(self.router.weight, std=math.sqrt(0.1 / self.hidden_size))
+        for w in [*self.w1, *self.w2, self.w1_static, self.w2_static]:
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        for b, fan_in in ((self.b1, self.hidden_size), (self.b2, self.intermediate_size)):
+            if b is not None:
+                nn.init.uniform_(b, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+    @torch.no_grad()
+    def load_dense(
+        self,
+        w1: Tensor,
+        b1: Tensor | None,
+        w2: Tensor,
+        b2: Tensor | None,
+        *,
+        noise_std: float = 0.0,
+    ) -> None:
+        """Upcycle a dense FFN: ``W_s = W_e = W`` and ``b_e = b`` for every expert.
+
+        ``w1`` ``(intermediate, hidden)``, ``w2`` ``(hidden, intermediate)``, biases or None
+        (zeros). ``noise_std`` adds Gaussian noise of that std, relative to each weight's std, to
+        every expert copy (then the layer is no longer exactly the dense FFN).
+        """
+        for dst, src, static in ((self.w1, w1, self.w1_static), (self.w2, w2, self.w2_static)):
+            if tuple(src.shape) != tuple(static.shape):
+                raise ValueError(f"dense weight shape {tuple(src.shape)} != {tuple(static.shape)}")
+            static.copy_(src)
+            dst.copy_(src.expand_as(dst))
+            if noise_std > 0:
+                dst.add_(torch.randn_like(dst) * (noise_std * src.std()))
+        for dst, src in ((self.b1, b1), (self.b2, b2)):
+            if dst is not None:
+                dst.copy_(src.expand_as(dst) if src is not None else torch.zeros_like(dst))
+
+    @classmethod
+    def from_dense(
+        cls,
+        fc1: nn.Linear,
+        fc2: nn.Linear,
+        activation: str | Callable[[Tensor], Tensor] = "gelu",
+        *,
+        num_experts: int = 8,
+        top_k: int = 2,
+        init: str = "copy",
+        noise_std: float = 0.01,
+        **kwargs,
+    ) -> MoE:
+        """A MoE upcycled from the dense FFN ``fc2(act(fc1(x)))`` (function-preserving for
+        ``init='copy'`` and any mask, since the kept gates sum to 1). ``'copy_noise'`` adds
+        relative noise ``noise_std`` to the expert copies, ``'kaiming'`` initialises at random."""
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if fc1.out_features != fc2.in_features or fc2.out_features != fc1.in_features:
+            raise ValueError(
+                f"not an FFN hidden -> intermediate -> hidden: fc1 {fc1.in_features}->"
+                f"{fc1.out_features}, fc2 {fc2.in_features}->{fc2.out_features}"
+            )
+        bias = fc1.bias is not None or fc2.bias is not None
+        moe = cls(
+            fc1.in_features, fc1.out_features, num_experts, top_k, activation=activation,
+            bias=bias, device=fc1.weight.device, dtype=fc1.weight.dtype, **kwargs,
+        )
+        if init != "kaiming":
+            moe.load_dense(
+                fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+                noise_std=noise_std if init == "copy_noise" else 0.0,
+            )
+        return moe.train(fc1.training)
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """``x`` ``(..., hidden)``; ``padding_mask`` ``x.shape[:-1]``, True for real tokens
+        (padding is left out of the auxiliary losses and of capacity priority)."""
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"expected x of shape (..., {self.hidden_size}), got {tuple(x.shape)}")
+        valid = self._valid(x, padding_mask)
+        x2 = x.reshape(-1, self.hidden_size)  # (N, H)
+        logits, gates, experts, keep = self.route(x2, valid)
+        self._store_aux(logits, experts, keep, valid)
+        return self.experts_forward(x2, gates, experts, keep).view(x.shape)
+
+    def _valid(self, x: Tensor, padding_mask: Tensor | None) -> Tensor | None:
+        if padding_mask is None:
+            hint = self.padding_mask_hint
+            if hint is None or tuple(hint.shape) != tuple(x.shape[:-1]):
+                return None
+            padding_mask = hint
+        elif tuple(padding_mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(
+                f"padding_mask must have shape {tuple(x.shape[:-1])} (x.shape[:-1]), "
+                f"got {tuple(padding_mask.shape)}"
+            )
+        return padding_mask.reshape(-1).to(device=x.device) != 0
+
+    def route(
+        self, x: Tensor, valid: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Router of ``x`` ``(N, H)``: ``(logits (N, E) fp32, gates (N, k), experts (N, k),
+        keep (N, k) bool or None when dropless)``."""
+        noisy = self.training and self.router_noise is not None and self.noise_std > 0
+        r_in = x
+        if noisy and self.router_noise == "jitter":
+            r_in = rt.add_router_noise(x, "jitter", self.noise_std)
+        logits = rt.router_logits(r_in, self.router.weight)
+        if noisy and self.router_noise == "gaussian":
+            logits = rt.add_router_noise(logits, "gaussian", self.noise_std)
+        gates, experts = rt.top_k_gating(logits, self.top_k)
+        keep = None
+        if self.capacity_factor is not None:
+            tokens = x.shape[0] if valid is None else int(valid.sum())
+            cap = rt.expert_capacity(tokens, self.top_k, self.num_experts, self.capacity_factor)
+            keep = rt.capacity_keep(experts, self.num_experts, cap, valid)
+        return logits, gates, experts, keep
+
+    def _store_aux(
+        self, logits: Tensor, experts: Tensor, keep: Tensor | None, valid: Tensor | None
+    ) -> None:
+        if logits.shape[0] == 0:
+            lb = z = logits.new_zeros(())
+        else:
+            lb = rt.load_balancing_loss(logits, experts, valid)
+            z = rt.router_z_loss(logits, valid)
+        self.aux_loss = self.load_balance_coef * lb + self.z_loss_coef * z
+        kept = experts if keep is None else experts[keep]
+        counts = torch.bincount(kept.reshape(-1), minlength=self.num_experts)
+        self.aux_terms = {"load_balance": lb.detach(), "z_loss": z.detach(),
+                          "expert_counts": counts}
+
+    def experts_forward(
+        self, x: Tensor, gates: Tensor, experts: Tensor, keep: Tensor | None = None
+    ) -> Tensor:
+        """Expert computation for given routing (injectable, e.g. to pin it in tests).
+
+        ``x`` ``(N, H)``, ``gates`` and ``experts`` ``(N, k)``, ``keep`` ``(N, k)`` bool or None.
+        Returns ``(N, H)``: ``sum_s gates[n, s] * FFN_{experts[n, s]}(x[n])`` over kept slots.
+        """
+        path = self.path if self.path != "auto" else "loop"
+        d = dsp.sort_by_expert(experts, self.num_experts, keep)
+        xs = x.index_select(0, d.token)  # (A, H)
+        mode = self._static_mode(x.shape[0])
+        s1, s2 = self._has_static(self.pad1), self._has_static(self.pad2)
+        fold1, fold2 = s1 and mode == "fold", s2 and mode == "fold"
+        w1 = _folded(self.pad1, self.w1, self.w1_static) if fold1 else _dynamic(self.pad1, self.w1)
+        w2 = _folded(self.pad2, self.w2, self.w2_static) if fold2 else _dynamic(self.pad2, self.w2)
+        pre = dsp.grouped_linear(xs, d, w1, self.b1, path=path)  # (A, I)
+        if s1 and not fold1:  # x S1^T once for all tokens, then to every routed copy
+            pre = pre + F.linear(x, self.pad1.static(self.w1_static)).index_select(0, d.token)
+        hid = self.act(pre)
+        out = dsp.combine(dsp.grouped_linear(hid, d, w2, self.b2, path=path), d, gates)
+        if s2 and not fold2:  # sum_e g_e h_e S2^T == (sum_e g_e h_e) S2^T
+            out = out + F.linear(dsp.combine(hid, d, gates), self.pad2.static(self.w2_static))
+        return out
+
+    def _static_mode(self, num_tokens: int) -> str:
+        """``'fold'`` or ``'shared'``: how a non-zero static part is computed."""
+        if self.static_path != "auto":
+            return self.static_path
+        # folding costs ~E weight-sized elementwise passes, the shared path ~2 extra dense
+        # matmuls over the tokens: fold once the tokens clearly outnumber the experts
+        return "fold" if num_tokens >= 16 * self.num_experts else "shared"
+
+    @staticmethod
+    def _has_static(pad: ModeMask) -> bool:
+        """False where ``lam_s * (1 - M) * W_s`` is exactly zero (all-dynamic mask, or a
+        constant ``lam_s = 0`` as in scale mode ``prune``)."""
+        if pad.state() == "dynamic":
+            return False
+        _, lam_s = pad.scales()
+        return lam_s.requires_grad or float(lam_s) != 0.0
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+            f"num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"activation={self.activation_name!r}, bias={self.b1 is not None}, "
+            f"capacity_factor={self.capacity_factor}, router_noise={self.router_noise!r}"
+        )
