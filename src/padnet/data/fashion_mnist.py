@@ -28,7 +28,8 @@ HOW_TO_GET = (
     "Install it with `apt-get install dataset-fashion-mnist` (files in "
     "/usr/share/datasets/fashion-mnist), or without root `apt-get download dataset-fashion-mnist "
     "&& dpkg -x dataset-fashion-mnist_*.deb DIR` and pass DIR/usr/share/datasets/fashion-mnist; "
-    "`make demo` does the latter into ./data/fashion-mnist."
+    "`make data` (or `python -m padnet.data.fetch --only fashion_mnist`) does the latter into "
+    "./data/fashion-mnist."
 )
 
 

@@ -1,0 +1,89 @@
+"""The data entry point: ``load_dataset(name, ...) -> DatasetSplits`` and ``list_datasets()``.
+
+Names: ``fashion_mnist``, ``npz``, ``image_folder`` (image data), ``rotten_tomatoes``, ``polarity``,
+``conll2010``, ``csv`` (text data). ``root`` is where the files are: a directory for the built-in
+data sets (default: ``$PADNET_DATA/<dir>``, then ``./data/<dir>``, as filled by
+``python -m padnet.data.fetch``), the ``.npz`` or CSV file, or the image-folder directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from padnet.data import images, text
+from padnet.data.splits import DatasetSplits, check_fraction, check_subset
+
+__all__ = ["DATASETS", "list_datasets", "load_dataset"]
+
+IMAGE_DATASETS: dict[str, Callable[..., images.RawImages]] = {
+    "fashion_mnist": lambda root, **_: images.load_fashion_mnist_images(root),
+    "npz": lambda root, **_: images.load_npz(root),
+    "image_folder": lambda root, image_size, channels, **_: images.load_image_folder(
+        root, image_size=image_size, channels=channels),
+}
+TEXT_DATASETS: dict[str, Callable[..., text.RawTexts]] = {
+    "rotten_tomatoes": lambda root, **_: text.load_rotten_tomatoes(root),
+    "polarity": lambda root, **_: text.load_pattern_corpus("polarity", root),
+    "conll2010": lambda root, **_: text.load_pattern_corpus("conll2010", root),
+    "csv": lambda root, text_column, label_column, **_: text.load_csv_texts(
+        root, text_column=text_column, label_column=label_column),
+}
+DATASETS = {**IMAGE_DATASETS, **TEXT_DATASETS}
+_NEEDS_ROOT = ("npz", "image_folder", "csv")
+
+
+def list_datasets() -> list[str]:
+    """The names ``load_dataset`` accepts, sorted."""
+    return sorted(DATASETS)
+
+
+def load_dataset(
+    name: str,
+    *,
+    root: str | Path | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.0,
+    subset: int | None = None,
+    tokenizer: Any = None,
+    max_length: int = 128,
+    text_column: str = "text",
+    label_column: str = "label",
+    image_size: int | None = None,
+    channels: int | None = None,
+) -> DatasetSplits:
+    """Load data set ``name`` and split it deterministically by ``seed``.
+
+    ``val_fraction``/``test_fraction`` of the examples are held out (the test fraction is ignored
+    where the data set has its own test split: Fashion-MNIST's 10k test files, a ``.npz`` with
+    ``x_test``/``y_test``); ``subset`` caps the training examples (chosen by ``seed``; val and test
+    are unchanged). Images come out as float ``(C, H, W)``, ``image_size``/``channels`` resize and
+    repeat/average them; text is tokenised with ``tokenizer`` (an HF tokenizer, or a path/name for
+    ``AutoTokenizer.from_pretrained``) truncated to ``max_length``. Missing files raise
+    FileNotFoundError saying how to get them; bad arguments raise ValueError.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; available: {', '.join(list_datasets())}")
+    check_fraction("val_fraction", val_fraction)
+    check_fraction("test_fraction", test_fraction)
+    check_subset(subset)
+    for arg, value, low in (("seed", seed, 0), ("max_length", max_length, 2),
+                            ("image_size", image_size, 1), ("channels", channels, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < low):
+            raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
+    if root is None and name in _NEEDS_ROOT:
+        raise ValueError(f"data set {name!r} needs root= (the path of the user's data)")
+    common = {"name": name, "seed": seed, "val_fraction": val_fraction,
+              "test_fraction": test_fraction, "subset": subset}
+    if name in IMAGE_DATASETS:
+        if tokenizer is not None:
+            raise ValueError(f"tokenizer is for text data sets; {name!r} holds images")
+        raw = IMAGE_DATASETS[name](root, image_size=image_size, channels=channels)
+        return images.image_splits(raw, image_size=image_size, channels=channels, **common)
+    if image_size is not None or channels is not None:
+        raise ValueError(f"image_size/channels are for image data sets; {name!r} holds text")
+    raw = TEXT_DATASETS[name](root, text_column=text_column, label_column=label_column)
+    return text.text_splits(raw, tokenizer=tokenizer, max_length=max_length, **common)
