@@ -150,6 +150,10 @@ class PerSampleConv2d(nn.Module):
         """Fraction of dynamic positions of this layer's kernel."""
         return self.pad.dynamic_ratio
 
+    def pad_weights(self) -> list[tuple[ModeMask, Tensor, Tensor]]:
+        """PAD weights for partitioning: ``[(pad, weight (K, *shape), static_weight (shape))]``."""
+        return [(self.pad, self.weight, self.static_weight)]
+
     # ---- forward -------------------------------------------------------------------------
     def route(self, x: Tensor):  # noqa: ANN201 - subclass-specific routing type
         raise NotImplementedError

@@ -1,0 +1,495 @@
+"""Iterative Mode Partition (IMP, PADNET.md §3): score every mask position on a few batches,
+keep the best ``round(kappa_t * N)`` dynamic, repeat for t = 1..T with a falling kappa_t.
+
+* :func:`partition`: one shot; all T iterations on the model as it is, over the same batches.
+* :class:`IterativePartition`: interleaved with training; the loop calls its ``step()`` once
+  per training step and iteration t runs at its scheduled step (see
+  :mod:`padnet.partition.schedule`), so the network trains between iterations.
+
+Each iteration re-scores every position (static ones may turn dynamic again); after the last one
+the masks are left alone (they are buffers: no optimizer touches them). Scores use the task loss
+only (no auxiliary MoE losses). The scoring pass puts the model in eval mode (``bn_mode='eval'``)
+or in train mode with every normalisation buffer restored afterwards (``'train'``), draws its
+randomness (dropout, router noise) from a seeded, forked RNG and leaves no ``.grad`` behind.
+Under ``torch.distributed`` the summed mask gradients and Theta_hat moments are all-reduced before
+thresholding, so every rank computes the same mask. A DDP wrapper is unwrapped for scoring.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from padnet.layers.pad import ModeMask, pad_modules
+from padnet.partition import scores as S
+from padnet.partition.report import PartitionResult, pad_weight_name
+from padnet.partition.schedule import SCHEDULES, iteration_steps, kappa_schedule
+
+__all__ = ["OPTIONS", "IterativePartition", "PadWeight", "default_loss", "find_pad_weights",
+           "partition"]
+
+#: Allowed values of the string options.
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "schedule": SCHEDULES,
+    "scope": ("global", "layer"),
+    "granularity": ("element", "channel"),
+    "score": S.SCORES,
+    "static_init": ("keep", "mean"),
+    "bn_mode": ("eval", "train"),
+}
+LossFn = Callable[[nn.Module, Any], Tensor]
+#: Attribute triples (mask, dynamic factors, static weight) recognised on layers without a
+#: ``pad_weights()`` method (MoE: ``pad1``/``w1``/``w1_static`` and ``pad2``/...).
+_PAD_ATTRS = (("pad", "weight", "static_weight"), ("pad1", "w1", "w1_static"),
+              ("pad2", "w2", "w2_static"))
+
+
+# ---- PAD weights ----------------------------------------------------------------------------
+@dataclass
+class PadWeight:
+    """One PAD weight: its ModeMask, dynamic factors ``(K, *shape)`` and static weight ``(shape)``
+    (None where the owning layer does not expose them)."""
+
+    name: str
+    mask: ModeMask
+    dynamic: Tensor | None
+    static: Tensor | None
+
+
+def find_pad_weights(model: nn.Module) -> list[PadWeight]:
+    """Every ModeMask of ``model`` (module order) with its weights, found through the owner's
+    ``pad_weights() -> [(mask, dynamic, static)]`` or the attribute triples of ``_PAD_ATTRS``."""
+    owners: dict[int, tuple[Tensor | None, Tensor | None]] = {}
+    for module in model.modules():
+        fn = getattr(module, "pad_weights", None)
+        triples = fn() if callable(fn) else [
+            (getattr(module, a, None), getattr(module, w, None), getattr(module, s, None))
+            for a, w, s in _PAD_ATTRS]
+        for mask, dyn, static in triples:
+            if isinstance(mask, ModeMask) and id(mask) not in owners:
+                if dyn is not None and tuple(dyn.shape[1:]) != mask.shape:
+                    raise ValueError(f"dynamic factors {tuple(dyn.shape)} do not match mask "
+                                     f"{mask.shape} in {type(module).__name__}")
+                if static is not None and tuple(static.shape) != mask.shape:
+                    raise ValueError(f"static weight {tuple(static.shape)} does not match mask "
+                                     f"{mask.shape} in {type(module).__name__}")
+                owners[id(mask)] = (dyn, static)
+    return [PadWeight(pad_weight_name(name, model), m, *owners.get(id(m), (None, None)))
+            for name, m in pad_modules(model)]
+
+
+# ---- data -----------------------------------------------------------------------------------
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) tuple / list / dict batch to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        items = [to_device(b, device) for b in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
+
+
+def default_loss(model: nn.Module, batch: Any) -> Tensor:
+    """Task loss of a batch: ``(inputs, targets)`` -> ``cross_entropy(model(inputs), targets)``
+    (logits ``(B, C, ...)``, targets ``(B, ...)``); a dict -> ``model(**batch).loss``."""
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+        loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+        if loss is None:
+            raise ValueError("model(**batch) returned no loss: put the labels in the batch or "
+                             "pass loss_fn(model, batch)")
+        return loss
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        logits = model(batch[0])
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"model(inputs) returned {type(logits).__name__}, not logits: pass "
+                            "loss_fn(model, batch)")
+        return F.cross_entropy(logits, batch[1])
+    raise TypeError(f"no default loss for a batch of type {type(batch).__name__}: pass "
+                    "loss_fn(model, batch) -> scalar Tensor")
+
+
+class BatchSource:
+    """Scoring batches drawn from ``data``. ``cycle=False``: every pass takes the first
+    ``num_batches`` (all when None). ``cycle=True``: passes take the next ``num_batches`` from an
+    iterator kept between passes, restarted at the end of ``data``; ``consumed`` counts them."""
+
+    def __init__(self, data: Iterable, num_batches: int | None, *, cycle: bool) -> None:
+        if data is None or isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+            raise ValueError(f"data must be an iterable of batches, got {type(data).__name__}")
+        if isinstance(data, Iterator) and not cycle:  # one-shot iterator: keep what a pass needs
+            data = list(itertools.islice(data, num_batches))
+        if hasattr(data, "__len__") and len(data) == 0:
+            raise ValueError("data is empty: IMP needs at least one scoring batch")
+        self.data, self.num_batches = data, num_batches
+        self.cycle = cycle and num_batches is not None
+        self.consumed, self._skip = 0, 0
+        self._it: Iterator | None = None
+        self._fresh = True  # nothing drawn from the current iterator yet
+
+    def batches(self) -> Iterator:
+        """The batches of one scoring pass."""
+        if not self.cycle:
+            yield from itertools.islice(self.data, self.num_batches)
+            return
+        for _ in range(self.num_batches):
+            yield self._next(count=True)
+
+    def _next(self, *, count: bool) -> Any:
+        while self._skip and count:  # fast-forward after a resume
+            self._skip -= 1
+            self._next(count=False)
+        if self._it is None:
+            self._it, self._fresh = iter(self.data), True
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            if self._fresh or isinstance(self.data, Iterator):
+                raise ValueError("data yielded no batches (or its iterator is exhausted): IMP "
+                                 "needs re-iterable scoring data") from None
+            self._it = None
+            return self._next(count=count)
+        self._fresh = False
+        self.consumed += int(count)
+        return batch
+
+    def fast_forward(self, consumed: int) -> None:
+        """Resume after ``consumed`` batches: skip them (modulo ``len(data)`` where known) on
+        the next draw. A shuffling loader gives other batches than before; the count holds."""
+        self.consumed, self._it = consumed, None
+        n = len(self.data) if hasattr(self.data, "__len__") else 0
+        self._skip = consumed % n if n else consumed
+
+
+@contextmanager
+def scoring_context(model: nn.Module, bn_mode: str, seed: int, device: torch.device) -> Iterator:
+    """Mode, normalisation buffers and RNG of a scoring pass, all restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    norms = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False)})
+             for m in model.modules() if isinstance(m, _NormBase)]
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    model.train(bn_mode == "train")
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.default_generator.manual_seed(seed)
+            if devices:
+                with torch.cuda.device(devices[0]):
+                    torch.cuda.manual_seed(seed)
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        with torch.no_grad():
+            for m, buffers in norms:
+                for k, b in buffers.items():
+                    getattr(m, k).copy_(b)
+
+
+def _all_reduce(tensors: list[Tensor]) -> list[Tensor]:
+    """Sum float64 tensors over all ranks (one flat all-reduce); unchanged without a group."""
+    if not tensors or not (dist.is_available() and dist.is_initialized()):
+        return tensors
+    flat = torch.cat([t.reshape(-1).double() for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors,
+                                               strict=True)]
+
+
+class IterativePartition:
+    """IMP interleaved with training; call :meth:`step` once per training step.
+
+    Iteration t runs after ``step_t = start_step + round(t * (end_step - start_step) / T)``
+    training steps, each scoring on the next ``num_batches`` batches of ``data`` (cycled; None:
+    one full pass). ``bn_mode`` defaults to ``'train'`` here (running statistics are poor early
+    in training). Options as :func:`partition`; ``state_dict``/``load_state_dict`` resume it.
+    """
+
+    def __init__(
+        self, model: nn.Module, data: Iterable, *, dynamic_ratio: float,
+        loss_fn: LossFn | None = None, iterations: int = 5, start_step: int = 0,
+        end_step: int = 1000, num_batches: int | None = 4, schedule: str = "exponential",
+        scope: str = "global", granularity: str = "element", score: str = "taylor",
+        static_init: str = "keep", bn_mode: str = "train", seed: int = 0, normalize: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        self.model = model
+        self.kappas = kappa_schedule(dynamic_ratio, iterations, schedule)
+        self.schedule_steps = iteration_steps(iterations, start_step, end_step)
+        opts = {"schedule": schedule, "scope": scope, "granularity": granularity, "score": score,
+                "static_init": static_init, "bn_mode": bn_mode}
+        for key, value in opts.items():
+            if value not in OPTIONS[key]:
+                raise ValueError(f"{key} must be one of {OPTIONS[key]}, got {value!r}")
+        if num_batches is not None and (isinstance(num_batches, bool) or not
+                                        isinstance(num_batches, int) or num_batches < 1):
+            raise ValueError(f"num_batches must be None or an int >= 1, got {num_batches!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable(model, batch) -> Tensor, got {loss_fn!r}")
+        self.entries: list[PadWeight] = find_pad_weights(model)
+        if not self.entries:
+            raise ValueError("model has no PAD layers (no ModeMask): call padnet.dynamize(model) "
+                             "first")
+        for e in self.entries:
+            if static_init == "mean" and e.static is None:
+                raise ValueError(f"static_init='mean' needs the static weight of {e.name!r}")
+            if score == "magnitude" and (e.static is None or e.dynamic is None):
+                raise ValueError(f"score='magnitude' needs the weights of {e.name!r}")
+        self.config = {"dynamic_ratio": float(dynamic_ratio), "iterations": iterations,
+                       "start_step": start_step, "end_step": end_step, "num_batches": num_batches,
+                       **opts, "seed": seed, "normalize": bool(normalize)}
+        self.loss_fn = loss_fn if loss_fn is not None else default_loss
+        self.source = BatchSource(data, num_batches, cycle=True)
+        self.steps_done = 0
+        self.result = PartitionResult(
+            layers=[e.name for e in self.entries], numel=[e.mask.numel for e in self.entries],
+            num_dynamic=[e.mask.num_dynamic for e in self.entries], iterations=iterations,
+            scope=scope, granularity=granularity, score=score)
+
+    # ---- progress ------------------------------------------------------------------------
+    @property
+    def iteration(self) -> int:
+        """Number of iterations run so far (0..T)."""
+        return self.result.iteration
+
+    @property
+    def done(self) -> bool:
+        """True once all T iterations ran; the masks are final."""
+        return self.iteration >= len(self.kappas)
+
+    def step(self) -> PartitionResult | None:
+        """Count one training step; run every iteration now due. Returns the result after an
+        iteration ran, else None (always None once :attr:`done`)."""
+        self.steps_done += 1
+        ran = None
+        while not self.done and self.steps_done >= self.schedule_steps[self.iteration]:
+            ran = self.run_iteration()
+        return ran
+
+    def run_iteration(self) -> PartitionResult:
+        """Run the next iteration now, whatever the step count; returns a snapshot of
+        :attr:`result` (per-layer counts, scores summary, history)."""
+        if self.done:
+            raise RuntimeError(f"all {len(self.kappas)} IMP iterations already ran")
+        t = self.iteration + 1
+        kappa = self.kappas[t - 1]
+        start = time.perf_counter()
+        old = [e.mask.mask.clone() for e in self.entries]
+        scores, means = self._score(t)
+        ranked, masks = self._select(scores, kappa)
+        if self.config["static_init"] == "mean":
+            self._mean_init(old, masks, means)
+        r = self.result
+        for e, m in zip(self.entries, masks, strict=True):
+            e.mask.set_mask(m)
+        r.num_dynamic = [e.mask.num_dynamic for e in self.entries]
+        back = sum(int((~o & m.to(o.device)).sum()) for o, m in zip(old, masks, strict=True))
+        away = sum(int((o & ~m.to(o.device)).sum()) for o, m in zip(old, masks, strict=True))
+        r.score_summary = {e.name: {"min": float(s.min()), "mean": float(s.mean()),
+                                    "max": float(s.max())}
+                           for e, s in zip(self.entries, ranked, strict=True) if s.numel()}
+        r.flipped_to_dynamic.append(back)
+        r.flipped_to_static.append(away)
+        r.seconds.append(time.perf_counter() - start)
+        r.kappas.append(kappa)
+        return copy.deepcopy(r)  # a snapshot; ``self.result`` stays live
+
+    # ---- one iteration -------------------------------------------------------------------
+    def _score(self, t: int) -> tuple[list[Tensor], list[Tensor] | None]:
+        """Scores ``(shape)`` float64 per PAD weight, and Theta_hat means when needed."""
+        kind, cfg = self.config["score"], self.config
+        taylor = kind == "taylor"
+        observe = kind == "variance" or cfg["static_init"] == "mean"
+        means = None
+        if taylor or observe:
+            grads, theta = self._pass(t, taylor=taylor, observe=observe)
+            grads = _all_reduce(grads) if taylor else grads
+            if observe:
+                flat = _all_reduce([x for s, q, n in theta for x in (s, q, n)])
+                mom = [S.moments(*flat[3 * i:3 * i + 3]) for i in range(len(theta))]
+                means = [m for m, _ in mom]
+        if taylor:
+            return [S.taylor_score(g) for g in grads], means
+        if kind == "variance":
+            return [S.variance_score(v) for _, v in mom], means
+        if kind == "magnitude":
+            return [S.magnitude_score(e.dynamic, e.static, *e.mask.scales())
+                    for e in self.entries], means
+        gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + t)
+        return [S.random_score(e.mask.shape, gen) for e in self.entries], means
+
+    def _pass(self, t: int, *, taylor: bool, observe: bool) -> tuple[list, list]:
+        """One pass over the scoring batches: summed ``dL/dM`` and raw Theta_hat moments."""
+        model, entries = self.model, self.entries
+        device = next(model.parameters()).device
+        grads = [torch.zeros(e.mask.shape, dtype=torch.float64, device=device) for e in entries]
+        theta, count = [], 0
+        seed = self.config["seed"] * 1_000_003 + t
+        with scoring_context(model, self.config["bn_mode"], seed, device):
+            try:
+                for e in entries:
+                    e.mask.reset_observation()
+                    e.mask.observing = observe
+                    if taylor:
+                        e.mask.probe = e.mask.mask.to(e.mask.phi.dtype).requires_grad_(True)
+                probes = [e.mask.probe for e in entries]
+                for batch in self.source.batches():
+                    count += 1
+                    with torch.set_grad_enabled(taylor):
+                        loss = _check_loss(self.loss_fn(model, to_device(batch, device)))
+                    if taylor:
+                        if not loss.requires_grad:
+                            raise RuntimeError("the loss does not depend on the PAD masks")
+                        gs = torch.autograd.grad(loss, probes, allow_unused=True)
+                        for acc, g in zip(grads, gs, strict=True):
+                            if g is not None:
+                                acc += g.detach().double()
+                if count == 0:
+                    raise ValueError("data yielded no batches: IMP needs scoring data")
+                for e in entries:
+                    if observe and not e.mask.observed:
+                        raise RuntimeError(
+                            f"PAD weight {e.name!r} reported no Theta_hat while observing (its "
+                            "layer does not call ModeMask.observe): score='variance' and "
+                            "static_init='mean' need it")
+                    if observe:
+                        theta.append((e.mask.theta_sum.to(device), e.mask.theta_sq_sum.to(device),
+                                      torch.tensor(float(e.mask.observed), device=device)))
+            finally:
+                for e in entries:
+                    e.mask.probe = None
+                    e.mask.observing = False
+                    e.mask.reset_observation()
+        return grads, theta
+
+    def _select(self, scores: list[Tensor], kappa: float) -> tuple[list[Tensor], list[Tensor]]:
+        """Ranked scores (per position or per channel) and the new boolean masks."""
+        channel = self.config["granularity"] == "channel"
+        ranked = [S.channel_scores(s) for s in scores] if channel else [s.double() for s in scores]
+        if self.config["normalize"] and self.config["scope"] == "global":
+            ranked = S.normalize_scores(ranked)
+        if self.config["scope"] == "layer":
+            chosen = S.select_layerwise(ranked, kappa)
+        elif not channel:
+            chosen = S.select_global(ranked, kappa)
+        else:
+            sizes = [e.mask.numel // e.mask.shape[0] for e in self.entries]
+            target = round(kappa * sum(e.mask.numel for e in self.entries))
+            chosen = S.select_channels_global(ranked, sizes, target)
+        if channel:
+            chosen = [S.expand_channels(c, e.mask.shape) for c, e in zip(chosen, self.entries,
+                                                                          strict=True)]
+        return ranked, chosen
+
+    @torch.no_grad()
+    def _mean_init(self, old: list[Tensor], new: list[Tensor], means: list[Tensor]) -> None:
+        """``W_s[j] = (lam_d / lam_s) * mean_x Theta_hat_j(x)`` where j turns static now."""
+        for e, o, m, mean in zip(self.entries, old, new, means, strict=True):
+            lam_d, lam_s = (float(v.detach()) for v in e.mask.scales())
+            if lam_s == 0.0:  # prune mode: static positions are zero anyway
+                continue
+            turned = (o & ~m.to(o.device)).to(e.static.device)
+            value = (mean * (lam_d / lam_s)).to(device=e.static.device, dtype=e.static.dtype)
+            e.static.data[turned] = value[turned]
+
+    # ---- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Progress, configuration, history and masks (plain data and bool tensors)."""
+        r = self.result
+        return {"version": 1, "config": dict(self.config), "iteration": self.iteration,
+                "steps_done": self.steps_done, "batches_consumed": self.source.consumed,
+                "history": {"kappas": list(r.kappas), "flipped_to_dynamic":
+                            list(r.flipped_to_dynamic), "flipped_to_static":
+                            list(r.flipped_to_static), "seconds": list(r.seconds),
+                            "score_summary": {k: dict(v) for k, v in r.score_summary.items()}},
+                "masks": {e.name: e.mask.mask.detach().cpu().clone() for e in self.entries}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`: same configuration required; restores the masks and
+        fast-forwards the data iterator past the batches already consumed."""
+        for key, value in self.config.items():
+            if state["config"].get(key) != value:
+                raise ValueError(f"IMP state was saved with {key}={state['config'].get(key)!r}, "
+                                 f"this partition has {key}={value!r}")
+        names = [e.name for e in self.entries]
+        if sorted(state["masks"]) != sorted(names):
+            raise ValueError(f"IMP state holds masks of {sorted(state['masks'])}, the model has "
+                             f"{sorted(names)}")
+        for e in self.entries:
+            e.mask.set_mask(state["masks"][e.name])
+        h, r = state["history"], self.result
+        r.kappas, r.seconds = list(h["kappas"]), list(h["seconds"])
+        r.flipped_to_dynamic = list(h["flipped_to_dynamic"])
+        r.flipped_to_static = list(h["flipped_to_static"])
+        r.score_summary = {k: dict(v) for k, v in h["score_summary"].items()}
+        r.num_dynamic = [e.mask.num_dynamic for e in self.entries]
+        assert len(r.kappas) == int(state["iteration"])
+        self.steps_done = int(state["steps_done"])
+        self.source.fast_forward(int(state["batches_consumed"]))
+
+
+def _check_loss(loss: Any) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise TypeError(f"the scoring loss must be a scalar tensor, got {got}")
+    if not torch.isfinite(loss.detach()):
+        raise ValueError(f"non-finite scoring loss {float(loss.detach()):g}")
+    return loss
+
+
+def partition(
+    model: nn.Module, data: Iterable, *, dynamic_ratio: float, loss_fn: LossFn | None = None,
+    iterations: int = 1, schedule: str = "exponential", scope: str = "global",
+    granularity: str = "element", score: str = "taylor", static_init: str = "keep",
+    num_batches: int | None = None, bn_mode: str = "eval", seed: int = 0, normalize: bool = False,
+) -> PartitionResult:
+    """One-shot IMP: run all ``iterations`` now, each over the first ``num_batches`` batches of
+    ``data`` (all when None), and return the :class:`PartitionResult`.
+
+    Args:
+        model: a model with PAD layers (see :func:`padnet.dynamize`); masks change in place.
+        data: re-iterable batches: ``(inputs, targets)`` (cross-entropy of ``model(inputs)``),
+            dicts (``model(**batch).loss``), or anything ``loss_fn(model, batch)`` takes.
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor`` replacing the default loss.
+        dynamic_ratio: target kappa in [0, 1]. iterations: T >= 1.
+        schedule: ``exponential`` or ``linear`` (:mod:`padnet.partition.schedule`).
+        scope: ``global`` (one threshold: exactly ``round(kappa_t * N)`` dynamic positions over
+            all PAD weights) or ``layer`` (exactly ``round(kappa_t * N_l)`` per weight).
+        granularity: ``element`` or ``channel`` (whole output channels / neurons, scored by the
+            sum of their positions' scores; global scope follows
+            :func:`padnet.partition.scores.select_channels_global`).
+        score: ``taylor``, ``variance``, ``magnitude`` or ``random`` (:mod:`.scores`).
+        static_init: ``keep`` the stored ``W_s`` or set positions turning static to ``mean``
+            ``(lam_d / lam_s) * mean_x Theta_hat(x)`` (skipped where ``lam_s = 0``).
+        num_batches: scoring batches per iteration (the first ones of ``data``; None: all).
+        bn_mode: ``eval`` or ``train`` (batch statistics; running buffers restored).
+        seed: seeds the random score and the scoring pass's RNG. normalize: divide each layer's
+            scores by their mean before a global threshold (default: raw, as the authors).
+    """
+    imp = IterativePartition(
+        model, data, dynamic_ratio=dynamic_ratio, loss_fn=loss_fn, iterations=iterations,
+        start_step=0, end_step=0, num_batches=num_batches, schedule=schedule, scope=scope,
+        granularity=granularity, score=score, static_init=static_init, bn_mode=bn_mode,
+        seed=seed, normalize=normalize)
+    imp.source = BatchSource(data, num_batches, cycle=False)  # the same batches every iteration
+    while not imp.done:
+        imp.run_iteration()
+    return imp.result
