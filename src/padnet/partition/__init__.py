@@ -8,14 +8,8 @@ dynamic.
     >>> for step in ...: ...; optimizer.step(); imp.step()
 """
 
-from padnet.partition.imp import (
-    OPTIONS,
-    IterativePartition,
-    PadWeight,
-    default_loss,
-    find_pad_weights,
-    partition,
-)
+from padnet.partition.data import PadWeight, default_loss, find_pad_weights
+from padnet.partition.imp import OPTIONS, IterativePartition, partition
 from padnet.partition.report import (
     PartitionResult,
     RatioReport,

@@ -18,22 +18,24 @@ thresholding, so every rank computes the same mask. A DDP wrapper is unwrapped f
 from __future__ import annotations
 
 import copy
-import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 
-from padnet.layers.pad import ModeMask, pad_modules
 from padnet.partition import scores as S
-from padnet.partition.report import PartitionResult, pad_weight_name
+from padnet.partition.data import (
+    BatchSource,
+    PadWeight,
+    default_loss,
+    find_pad_weights,
+    scoring_context,
+    to_device,
+)
+from padnet.partition.report import PartitionResult
 from padnet.partition.schedule import SCHEDULES, iteration_steps, kappa_schedule
 
 __all__ = ["OPTIONS", "IterativePartition", "PadWeight", "default_loss", "find_pad_weights",
@@ -49,156 +51,6 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "bn_mode": ("eval", "train"),
 }
 LossFn = Callable[[nn.Module, Any], Tensor]
-#: Attribute triples (mask, dynamic factors, static weight) recognised on layers without a
-#: ``pad_weights()`` method (MoE: ``pad1``/``w1``/``w1_static`` and ``pad2``/...).
-_PAD_ATTRS = (("pad", "weight", "static_weight"), ("pad1", "w1", "w1_static"),
-              ("pad2", "w2", "w2_static"))
-
-
-# ---- PAD weights ----------------------------------------------------------------------------
-@dataclass
-class PadWeight:
-    """One PAD weight: its ModeMask, dynamic factors ``(K, *shape)`` and static weight ``(shape)``
-    (None where the owning layer does not expose them)."""
-
-    name: str
-    mask: ModeMask
-    dynamic: Tensor | None
-    static: Tensor | None
-
-
-def find_pad_weights(model: nn.Module) -> list[PadWeight]:
-    """Every ModeMask of ``model`` (module order) with its weights, found through the owner's
-    ``pad_weights() -> [(mask, dynamic, static)]`` or the attribute triples of ``_PAD_ATTRS``."""
-    owners: dict[int, tuple[Tensor | None, Tensor | None]] = {}
-    for module in model.modules():
-        fn = getattr(module, "pad_weights", None)
-        triples = fn() if callable(fn) else [
-            (getattr(module, a, None), getattr(module, w, None), getattr(module, s, None))
-            for a, w, s in _PAD_ATTRS]
-        for mask, dyn, static in triples:
-            if isinstance(mask, ModeMask) and id(mask) not in owners:
-                if dyn is not None and tuple(dyn.shape[1:]) != mask.shape:
-                    raise ValueError(f"dynamic factors {tuple(dyn.shape)} do not match mask "
-                                     f"{mask.shape} in {type(module).__name__}")
-                if static is not None and tuple(static.shape) != mask.shape:
-                    raise ValueError(f"static weight {tuple(static.shape)} does not match mask "
-                                     f"{mask.shape} in {type(module).__name__}")
-                owners[id(mask)] = (dyn, static)
-    return [PadWeight(pad_weight_name(name, model), m, *owners.get(id(m), (None, None)))
-            for name, m in pad_modules(model)]
-
-
-# ---- data -----------------------------------------------------------------------------------
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a (nested) tuple / list / dict batch to ``device``."""
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        items = [to_device(b, device) for b in batch]
-        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
-    return batch
-
-
-def default_loss(model: nn.Module, batch: Any) -> Tensor:
-    """Task loss of a batch: ``(inputs, targets)`` -> ``cross_entropy(model(inputs), targets)``
-    (logits ``(B, C, ...)``, targets ``(B, ...)``); a dict -> ``model(**batch).loss``."""
-    if isinstance(batch, Mapping):
-        out = model(**batch)
-        loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-        if loss is None:
-            raise ValueError("model(**batch) returned no loss: put the labels in the batch or "
-                             "pass loss_fn(model, batch)")
-        return loss
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        logits = model(batch[0])
-        if not isinstance(logits, Tensor):
-            raise TypeError(f"model(inputs) returned {type(logits).__name__}, not logits: pass "
-                            "loss_fn(model, batch)")
-        return F.cross_entropy(logits, batch[1])
-    raise TypeError(f"no default loss for a batch of type {type(batch).__name__}: pass "
-                    "loss_fn(model, batch) -> scalar Tensor")
-
-
-class BatchSource:
-    """Scoring batches drawn from ``data``. ``cycle=False``: every pass takes the first
-    ``num_batches`` (all when None). ``cycle=True``: passes take the next ``num_batches`` from an
-    iterator kept between passes, restarted at the end of ``data``; ``consumed`` counts them."""
-
-    def __init__(self, data: Iterable, num_batches: int | None, *, cycle: bool) -> None:
-        if data is None or isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
-            raise ValueError(f"data must be an iterable of batches, got {type(data).__name__}")
-        if isinstance(data, Iterator) and not cycle:  # one-shot iterator: keep what a pass needs
-            data = list(itertools.islice(data, num_batches))
-        if hasattr(data, "__len__") and len(data) == 0:
-            raise ValueError("data is empty: IMP needs at least one scoring batch")
-        self.data, self.num_batches = data, num_batches
-        self.cycle = cycle and num_batches is not None
-        self.consumed, self._skip = 0, 0
-        self._it: Iterator | None = None
-        self._fresh = True  # nothing drawn from the current iterator yet
-
-    def batches(self) -> Iterator:
-        """The batches of one scoring pass."""
-        if not self.cycle:
-            yield from itertools.islice(self.data, self.num_batches)
-            return
-        for _ in range(self.num_batches):
-            yield self._next(count=True)
-
-    def _next(self, *, count: bool) -> Any:
-        while self._skip and count:  # fast-forward after a resume
-            self._skip -= 1
-            self._next(count=False)
-        if self._it is None:
-            self._it, self._fresh = iter(self.data), True
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            if self._fresh or isinstance(self.data, Iterator):
-                raise ValueError("data yielded no batches (or its iterator is exhausted): IMP "
-                                 "needs re-iterable scoring data") from None
-            self._it = None
-            return self._next(count=count)
-        self._fresh = False
-        self.consumed += int(count)
-        return batch
-
-    def fast_forward(self, consumed: int) -> None:
-        """Resume after ``consumed`` batches: skip them (modulo ``len(data)`` where known) on
-        the next draw. A shuffling loader gives other batches than before; the count holds."""
-        self.consumed, self._it = consumed, None
-        n = len(self.data) if hasattr(self.data, "__len__") else 0
-        self._skip = consumed % n if n else consumed
-
-
-@contextmanager
-def scoring_context(model: nn.Module, bn_mode: str, seed: int, device: torch.device) -> Iterator:
-    """Mode, normalisation buffers and RNG of a scoring pass, all restored on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    norms = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False)})
-             for m in model.modules() if isinstance(m, _NormBase)]
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    model.train(bn_mode == "train")
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.default_generator.manual_seed(seed)
-            if devices:
-                with torch.cuda.device(devices[0]):
-                    torch.cuda.manual_seed(seed)
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
-        with torch.no_grad():
-            for m, buffers in norms:
-                for k, b in buffers.items():
-                    getattr(m, k).copy_(b)
-
-
 def _all_reduce(tensors: list[Tensor]) -> list[Tensor]:
     """Sum float64 tensors over all ranks (one flat all-reduce); unchanged without a group."""
     if not tensors or not (dist.is_available() and dist.is_initialized()):
