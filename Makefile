@@ -36,8 +36,7 @@ test: install lint
 	$(VENV)/bin/pytest -q
 
 demo: install data
-	$(VENV)/bin/padnet convert --model mobilenet_v2 --pretrained --method dyconv \
-		--dynamic-ratio 0.3 --check --data-dir $(DATA)/fashion-mnist --out results/demo
+	$(VENV)/bin/padnet compare -c configs/demo.yaml
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache

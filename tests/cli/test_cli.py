@@ -64,3 +64,14 @@ def test_module_entry_point_runs():
                           text=True, check=True)
     assert done.stdout.startswith("padnet ")
     assert torch.__version__  # torch imported alongside
+
+
+def test_atomic_writes_leave_usual_permissions(tmp_path):
+    import os
+
+    from padnet.utils.io import save_json
+
+    path = save_json(tmp_path / "x.json", {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

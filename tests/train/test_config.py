@@ -1,0 +1,73 @@
+"""TrainConfig: YAML loading, --key value overrides with type conversion, validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from padnet.train.config import TrainConfig, load_config, parse_overrides
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_are_converted_to_field_types(tmp_path):
+    path = write(tmp_path, "model: resnet20\nlr: 1e-3\nepochs: 4\nsubset: null\n")
+    cfg = load_config(path, ["--lr", "0.05", "--dynamic-ratio=0.3", "--pretrained", "yes",
+                             "--moe-layers", "0,2", "--width", "none", "--amp", "bf16"])
+    assert cfg.model == "resnet20" and cfg.epochs == 4 and cfg.subset is None
+    assert cfg.lr == 0.05 and cfg.dynamic_ratio == 0.3 and cfg.pretrained is True
+    assert cfg.moe_layers == [0, 2] and cfg.width is None and cfg.amp == "bf16"
+    assert load_config(path).lr == 1e-3  # YAML reads "1e-3" as a string; it is converted
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, {"method": "dyconv", "moe_layers": [1], "grad_clip": 1})
+    again = load_config(write(tmp_path, cfg.to_yaml()))
+    assert again == cfg and isinstance(again.grad_clip, float)
+
+
+@pytest.mark.parametrize("source", ["yaml", "override"])
+def test_unknown_keys_list_the_valid_ones(tmp_path, source):
+    path = write(tmp_path, "learning_rate: 0.1\n" if source == "yaml" else "lr: 0.1\n")
+    overrides = ["--learning-rate", "0.1"] if source == "override" else []
+    with pytest.raises(ValueError, match="unknown config key 'learning.rate'") as err:
+        load_config(path, overrides)
+    assert "valid keys: model, pretrained" in str(err.value) and "dynamic_ratio" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--dynamic-ratio", "1.5"], "dynamic_ratio must be in [0, 1], got 1.5"),
+        (["--method", "moe2"], "method must be one of ('none', 'dyconv'"),
+        (["--lr", "fast"], "lr expects a number, got 'fast'"),
+        (["--epochs", "2.5"], "epochs expects an integer, got '2.5'"),
+        (["--pretrained", "maybe"], "pretrained expects true or false"),
+        (["--epochs", "0"], "epochs must be >= 1, got 0"),
+        (["--imp-mode", "oneshot"], "imp_mode='oneshot' needs a dynamic method"),
+        (["--top-k", "3", "--num-experts", "2"], "top_k must be <= num_experts (2)"),
+        (["--imp-score", "psychic"], "imp_score must be one of"),
+        (["--epochs"], "option --epochs needs a value"),
+        (["epochs", "3"], "expected --key value, got 'epochs'"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(overrides, message):
+    with pytest.raises(ValueError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_parse_overrides_and_replace():
+    assert parse_overrides(["--lr", "0.1", "--out_dir=x"]) == {"lr": "0.1", "out_dir": "x"}
+    cfg = TrainConfig().replace(method="dyconv", dynamic_ratio="0.5")
+    assert cfg.dynamic_ratio == 0.5 and TrainConfig().method == "none"

