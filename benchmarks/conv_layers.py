@@ -23,6 +23,7 @@ import csv
 import datetime
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -108,7 +109,12 @@ def device_line() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    try:
+        load = Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        load = "?"
+    return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"1-min load average at the end {load}")
 
 
 def main() -> None:
@@ -146,7 +152,7 @@ def main() -> None:
     lines = [
         "# Dynamic convolution layers: forward time as a ratio to nn.Conv2d",
         "",
-        f"- command: `python benchmarks/conv_layers.py {' '.join(_argv())}`".rstrip() + "",
+        "- command: `" + " ".join(["python benchmarks/conv_layers.py", *sys.argv[1:]]) + "`",
         f"- date: {datetime.date.today().isoformat()}",
         f"- device: {device_line()}",
         f"- K = 4 kernels, PAD kappa = {args.kappa}, eval mode, no grad, median of "
@@ -163,12 +169,6 @@ def main() -> None:
                          + " | ".join(cells) + " |")
     (args.out / "conv_layers.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / 'conv_layers.md'}")
-
-
-def _argv() -> list[str]:
-    import sys
-
-    return sys.argv[1:]
 
 
 if __name__ == "__main__":

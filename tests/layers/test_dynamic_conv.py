@@ -139,10 +139,16 @@ def test_mixture_and_grouped_agree_in_float32_at_batch_32():
     torch.testing.assert_close(outs[2], outs[0], atol=1e-5, rtol=1e-4)
 
 
-def test_auto_path_resolves_and_is_exact():
-    layer = DynamicConv2d(8, 8, 3, padding=1, groups=8, dynamic_ratio=0.5).double()
-    x = torch.randn(4, 8, 6, 6, dtype=torch.float64)
-    assert layer.resolve_path(4) in ("grouped", "mixture", "unfold")
+def test_auto_path_rule_and_exactness():
+    layer = DynamicConv2d(4, 6, 3, stride=2, padding=1, dynamic_ratio=0.5).double()
+    assert layer.output_area(8, 7) == 4 * 4
+    assert layer.resolve_path(32, 16) == "mixture"  # many samples, small maps
+    assert layer.resolve_path(32, 64) == "grouped"
+    assert layer.resolve_path(1, 1) == "grouped"
+    for cls_args in ((4, 4, 1), (4, 4, 3)):  # pointwise; depthwise below
+        kw = {"groups": 4} if cls_args[2] == 3 else {}
+        assert DynamicConv2d(*cls_args, **kw).resolve_path(128, 1) == "grouped"
+    x = torch.randn(32, 4, 8, 7, dtype=torch.float64)  # auto runs the mixture here
     torch.testing.assert_close(layer(x), per_sample_conv(layer, x, layer.route(x)))
 
 

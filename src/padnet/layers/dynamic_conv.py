@@ -177,10 +177,21 @@ class PerSampleConv2d(nn.Module):
         """The ``(B, K)`` kernel-mixing part of the routing."""
         return routing
 
-    def resolve_path(self, batch: int) -> str:
+    def output_area(self, height: int, width: int) -> int:
+        """Number of output positions ``H' * W'`` for an input of ``height x width``."""
+        left, right, top, bottom = self._pad4
+        size = [
+            (n + p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip((height, width), (top + bottom, left + right),
+                                     self.dilation, self.kernel_size, self.stride, strict=True)
+        ]
+        return max(size[0], 0) * max(size[1], 0)
+
+    def resolve_path(self, batch: int, out_area: int = 1) -> str:
+        """The execution path a batch of ``batch`` samples with ``out_area`` outputs runs on."""
         if self._path != "auto":
             return self._path
-        return choose_path(batch, self.num_kernels, self.groups, self.in_channels)
+        return choose_path(batch, out_area, self.kernel_size, self.groups, self.in_channels)
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -209,7 +220,7 @@ class PerSampleConv2d(nn.Module):
         if state == "static":  # no dynamic position: one ordinary convolution
             y = F.conv2d(xp, self.pad.static(self.static_weight), None, *geometry)
             return y if bias is None else y + bias[:, :, None, None]
-        path = self.resolve_path(x.shape[0])
+        path = self.resolve_path(x.shape[0], self.output_area(*x.shape[-2:]))
         if path == "mixture":
             return self.forward_mixture(xp, routing, bias, geometry, with_static=state != "dynamic")
         weight = self.sample_weights(routing)

@@ -66,7 +66,7 @@ class ODConv2d(PerSampleConv2d):
     def supported_paths(cls) -> tuple[str, ...]:
         return ("auto", "grouped", "unfold")
 
-    def resolve_path(self, batch: int) -> str:
+    def resolve_path(self, batch: int, out_area: int = 1) -> str:
         return "grouped" if self._path == "auto" else self._path
 
     def route(self, x: Tensor) -> ODAttention:

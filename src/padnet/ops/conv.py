@@ -165,10 +165,19 @@ def conv2d_unfold(
     return out if bias is None else out + bias[:, :, None, None]
 
 
-def choose_path(batch: int, num_kernels: int, groups: int, in_channels: int) -> str:
-    """The execution path that ``path='auto'`` picks for a batch of ``batch`` samples.
+def choose_path(
+    batch: int, out_area: int, kernel_size: Pair, groups: int, in_channels: int
+) -> str:
+    """The execution path that ``path='auto'`` picks.
 
-    Rules drawn from ``benchmarks/conv_layers.py`` (CPU): a single sample runs the aggregated
-    weight as one plain convolution; otherwise the grouped convolution.
+    Rule drawn from ``benchmarks/conv_layers.py`` (CPU): a convolution with ``groups = B`` is
+    efficient while each sample has enough output positions; for large batches of small feature
+    maps (``batch >= 32`` and ``batch >= 2 * out_area``) the mixture path's single dense
+    convolution wins despite its ``K + 1`` times more products. Pointwise (1x1) and depthwise
+    layers stay on the grouped path, which is a plain batched matmul for them.
     """
+    pointwise = tuple(kernel_size) == (1, 1)
+    depthwise = groups > 1 and groups == in_channels
+    if batch >= 32 and batch >= 2 * out_area and not (pointwise or depthwise):
+        return "mixture"
     return "grouped"
