@@ -4,20 +4,26 @@ from padnet.convert import dynamize, stats
 from padnet.layers import (
     DynamicConv2d,
     ModeMask,
+    MoE,
     ODConv2d,
+    aux_loss,
     set_scale_mode,
     set_temperature,
     temperature_schedule,
 )
+from padnet.partition import partition  # the function; `import padnet.partition.X` still works
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DynamicConv2d",
     "ModeMask",
+    "MoE",
     "ODConv2d",
     "__version__",
+    "aux_loss",
     "dynamize",
+    "partition",
     "set_scale_mode",
     "set_temperature",
     "stats",

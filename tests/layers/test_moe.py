@@ -57,11 +57,15 @@ def test_matches_per_token_oracle(top_k: int, ratio: float, static_path: str) ->
     "kwargs",
     [
         {"path": "bmm", "dynamic_ratio": 0.3},
+        {"path": "bmm"},
+        {"bias": False},
+        {"bias": False, "path": "bmm", "top_k": 3},
         {"bias": False, "dynamic_ratio": 0.6},
         {"capacity_factor": 0.6, "dynamic_ratio": 0.5},
         {"capacity_factor": 1.0, "top_k": 1, "path": "bmm"},
         {"activation": "relu", "dynamic_ratio": 0.5, "static_path": "shared"},
         {"activation": nn.SiLU(), "top_k": 1},
+        {"activation": nn.ReLU(inplace=True), "top_k": 2},
         {"num_experts": 1, "top_k": 1, "dynamic_ratio": 0.5},
     ],
 )

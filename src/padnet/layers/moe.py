@@ -9,18 +9,22 @@ Biases stay fully dynamic (per expert, neither masked nor scaled).
 Execution: routing in :mod:`padnet.ops.routing`, sort-by-expert dispatch and grouped matmuls in
 :mod:`padnet.ops.dispatch`. The static part is added one of two ways (same result):
 
-* ``'fold'``: build ``W_e(eff) = D_e + S`` once per forward (E weight-sized passes; best when the
-  number of tokens is large against E);
+* ``'fold'``: inside the grouped loop, each expert's effective weight ``f * W_e + S`` is folded
+  just before its matmul (``f = lam_d * M`` from ``pad.dynamic``, ``S = pad.static(W_s)``): one
+  weight-sized temporary per expert, never an ``(E, out, in)`` tensor;
 * ``'shared'``: treat ``S`` as a shared expert, per matrix: ``x S1^T`` is computed once for all
   tokens and added to every routed pre-activation, and since the second matrix is linear,
-  ``sum_e g_e h_e S2^T = (sum_e g_e h_e) S2^T`` is one more dense matmul (best for few tokens).
+  ``sum_e g_e h_e S2^T = (sum_e g_e h_e) S2^T`` is one more dense matmul (PADNET.md §2b's
+  formulation; slower than folding on CPU, kept as an option and a cross-check).
 
-Where the mask is all ones, or static positions are zero (scale mode ``prune``), the static part
-is skipped entirely.
+Where the mask is all ones the static part is skipped entirely and ``lam_d`` scales the matmul
+outputs instead of the weights; where static positions are zero (scale mode ``prune``) the static
+part is skipped too.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from functools import partial
@@ -72,16 +76,6 @@ def _dynamic(pad: ModeMask, weight: Tensor) -> Tensor:
     return pad.dynamic(weight)
 
 
-def _folded(pad: ModeMask, weight: Tensor, static_weight: Tensor) -> Tensor:
-    """``pad.combine(weight, static_weight)`` ``(E, out, in)``, adding the static part in place
-    into the fresh dynamic product (saves one weight-sized allocation; autograd-safe, since the
-    product's backward does not need its output)."""
-    dyn = pad.dynamic(weight)
-    if dyn.data_ptr() == weight.data_ptr():  # never write into the parameter itself
-        return dyn + pad.static(static_weight)
-    return dyn.add_(pad.static(static_weight))
-
-
 class MoE(nn.Module):
     """Mixture of ``num_experts`` FFN experts ``hidden -> intermediate -> hidden``, top-k routed.
 
@@ -98,8 +92,9 @@ class MoE(nn.Module):
             ``'gaussian'`` (logits plus N(0, noise_std^2)); training mode only.
         load_balance_coef, z_loss_coef: weights of the auxiliary losses in ``aux_loss``.
         dynamic_ratio, scale_mode: PAD mode masks ``pad1``, ``pad2`` (see ``ModeMask``).
-        path: grouped matmul, ``'auto'``, ``'loop'`` or ``'bmm'``.
-        static_path: ``'auto'``, ``'fold'`` or ``'shared'`` (module docstring).
+        path: grouped matmul, ``'auto'`` (= ``'loop'``), ``'loop'`` or ``'bmm'`` (padded
+            batched matmuls; slower on CPU in ``benchmarks/moe_layer.py``).
+        static_path: ``'auto'`` (= ``'fold'``), ``'fold'`` or ``'shared'`` (module docstring).
 
     Shapes: ``forward(x (..., hidden), padding_mask (...) | None) -> (..., hidden)``. After each
     forward, ``aux_loss`` holds ``load_balance_coef * LB + z_loss_coef * Z`` (0-dim, float32) and
@@ -177,6 +172,9 @@ class MoE(nn.Module):
                 )
             self.activation_name, self.act = activation, ACTIVATIONS[activation]
         elif callable(activation):
+            if isinstance(activation, nn.Module) and getattr(activation, "inplace", False):
+                activation = copy.copy(activation)  # the backward needs the pre-activations
+                activation.inplace = False
             self.activation_name = type(activation).__name__
             self.act = activation  # an nn.Module becomes a child module
         else:
@@ -324,28 +322,57 @@ class MoE(nn.Module):
         """
         path = self.path if self.path != "auto" else "loop"
         d = dsp.sort_by_expert(experts, self.num_experts, keep)
-        xs = x.index_select(0, d.token)  # (A, H)
-        mode = self._static_mode(x.shape[0])
         s1, s2 = self._has_static(self.pad1), self._has_static(self.pad2)
-        fold1, fold2 = s1 and mode == "fold", s2 and mode == "fold"
-        w1 = _folded(self.pad1, self.w1, self.w1_static) if fold1 else _dynamic(self.pad1, self.w1)
-        w2 = _folded(self.pad2, self.w2, self.w2_static) if fold2 else _dynamic(self.pad2, self.w2)
-        pre = dsp.grouped_linear(xs, d, w1, self.b1, path=path)  # (A, I)
-        if s1 and not fold1:  # x S1^T once for all tokens, then to every routed copy
+        if (s1 or s2) and self._static_mode() == "shared":
+            return self._shared_forward(x, d, gates, s1, s2, path)
+        xs = x.index_select(0, d.token)  # (A, H)
+        m1 = (self.w1, *self._fold_terms(self.pad1, self.w1_static, s1), self.b1)
+        m2 = (self.w2, *self._fold_terms(self.pad2, self.w2_static, s2), self.b2)
+        y = dsp.grouped_ffn(xs, d, m1, m2, self.act, path=path)  # (A, H), a fresh tensor
+        return dsp.combine(y, d, gates, inplace=True)
+
+    @staticmethod
+    def _fold_terms(
+        pad: ModeMask, static_weight: Tensor, has_static: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``(factor, static)`` with ``W_e(eff) = factor * W_e + static``, from ``pad``.
+
+        All-dynamic mask: ``factor = lam_d`` (0-dim; None when a constant 1), no static part.
+        Otherwise ``factor = lam_d * M`` (``pad.dynamic`` of a one) and
+        ``static = lam_s (1 - M) W_s`` (None where it is exactly zero).
+        """
+        if pad.state() == "dynamic":
+            lam_d, _ = pad.scales()
+            if not lam_d.requires_grad and float(lam_d) == 1.0:
+                return None, None
+            return lam_d.to(static_weight.dtype), None
+        factor = pad.dynamic(static_weight.new_ones(()))  # (out, in)
+        return factor, pad.static(static_weight) if has_static else None
+
+    def _shared_forward(
+        self, x: Tensor, d: dsp.Dispatch, gates: Tensor, s1: bool, s2: bool, path: str
+    ) -> Tensor:
+        """The static parts as shared experts (few tokens): ``x S1^T`` once for all tokens,
+        added to every routed pre-activation; ``sum_e g_e h_e S2^T = (sum_e g_e h_e) S2^T``."""
+        w1, w2 = _dynamic(self.pad1, self.w1), _dynamic(self.pad2, self.w2)
+        pre = dsp.grouped_linear(x.index_select(0, d.token), d, w1, self.b1, path=path)  # (A, I)
+        if s1:
             pre = pre + F.linear(x, self.pad1.static(self.w1_static)).index_select(0, d.token)
         hid = self.act(pre)
         out = dsp.combine(dsp.grouped_linear(hid, d, w2, self.b2, path=path), d, gates)
-        if s2 and not fold2:  # sum_e g_e h_e S2^T == (sum_e g_e h_e) S2^T
+        if s2:
             out = out + F.linear(dsp.combine(hid, d, gates), self.pad2.static(self.w2_static))
         return out
 
-    def _static_mode(self, num_tokens: int) -> str:
-        """``'fold'`` or ``'shared'``: how a non-zero static part is computed."""
-        if self.static_path != "auto":
-            return self.static_path
-        # folding costs ~E weight-sized elementwise passes, the shared path ~2 extra dense
-        # matmuls over the tokens: fold once the tokens clearly outnumber the experts
-        return "fold" if num_tokens >= 16 * self.num_experts else "shared"
+    def _static_mode(self) -> str:
+        """``'fold'`` or ``'shared'``: how a non-zero static part is computed.
+
+        ``'auto'`` is ``'fold'``: the shared path needs the same per-expert weight pass for the
+        dynamic part plus two dense matmuls over the tokens, and measured slower at every size
+        from 16 to 8192 tokens (benchmarks/moe_layer.py); it pays only where the dynamic part
+        is stored sparsely (deployment).
+        """
+        return "fold" if self.static_path == "auto" else self.static_path
 
     @staticmethod
     def _has_static(pad: ModeMask) -> bool:
@@ -355,6 +382,12 @@ class MoE(nn.Module):
             return False
         _, lam_s = pad.scales()
         return lam_s.requires_grad or float(lam_s) != 0.0
+
+    def __getstate__(self) -> dict:
+        # the last forward's aux loss holds an autograd graph: copies (deepcopy, pickle) drop it
+        state = super().__getstate__()
+        state.update(aux_loss=None, aux_terms={}, padding_mask_hint=None)
+        return state
 
     def extra_repr(self) -> str:
         return (
