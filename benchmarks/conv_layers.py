@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from padnet.bench import device_description
 from padnet.layers import DynamicConv2d
 
 # name -> (in, out, kernel, stride, groups, spatial)
@@ -100,23 +100,6 @@ def time_layer(spec: tuple, batch: int, reps: int, kappa: float) -> dict[str, fl
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def device_line() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        load = "?"
-    return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"1-min load average at the end {load}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
@@ -154,7 +137,7 @@ def main() -> None:
         "",
         "- command: `" + " ".join(["python benchmarks/conv_layers.py", *sys.argv[1:]]) + "`",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- device: {device_line()}",
+        f"- device: {device_description()}",
         f"- K = 4 kernels, PAD kappa = {args.kappa}, eval mode, no grad, median of "
         "interleaved repetitions; the static column is in milliseconds.",
         "",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,23 +25,12 @@ import torch
 import torch.nn.functional as F
 
 import padnet
+from padnet.bench import device_description
 from padnet.data import load_fashion_mnist
 from padnet.models import create_model
 from padnet.partition import IterativePartition
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics
-
-
-def device_line() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def load_split(root: Path, split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +115,7 @@ def main() -> None:
         "",
         f"- command: `{' '.join(['python benchmarks/imp_overhead.py', *sys.argv[1:]])}`",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- device: {device_line()}",
+        f"- device: {device_description()}",
         f"- configuration: Fashion-MNIST, {args.subset:,} training images, batch "
         f"{args.batch_size}, {args.epochs} epoch(s) = {rows[0]['steps']} SGD steps; resnet8 "
         f"dynamized with dyconv K = 4; IMP: {args.iterations} iterations (Taylor, global, "

@@ -116,19 +116,27 @@ class PerSampleConv2d(nn.Module):
 
     @torch.no_grad()
     def load_dense(
-        self, weight: Tensor, bias: Tensor | None, *, scale: float = 1.0, noise_std: float = 0.0
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        *,
+        scale: float = 1.0,
+        bias_scale: float | None = None,
+        noise_std: float = 0.0,
     ) -> None:
         """Copy a dense kernel into every dynamic kernel (times ``scale``) and the static one.
 
-        ``noise_std`` adds Gaussian noise of that standard deviation, relative to the standard
-        deviation of ``weight``, to each dynamic copy (diversifies the copies).
+        Biases are copied times ``bias_scale`` (default ``scale``). ``noise_std`` adds Gaussian
+        noise of that standard deviation, relative to the standard deviation of ``weight``, to
+        each dynamic copy (diversifies the copies).
         """
         self.static_weight.copy_(weight)
         self.weight.copy_((weight * scale).expand_as(self.weight))
         if noise_std > 0:
             self.weight.add_(torch.randn_like(self.weight) * (noise_std * weight.std()))
         if self.bias is not None and bias is not None:
-            self.bias.copy_((bias * scale).expand_as(self.bias))
+            self.bias.copy_((bias * (scale if bias_scale is None else bias_scale)).expand_as(
+                self.bias))
 
     @property
     def path(self) -> str:
@@ -230,6 +238,40 @@ class PerSampleConv2d(nn.Module):
     def forward_mixture(self, xp, routing, bias, geometry, *, with_static: bool) -> Tensor:  # noqa: ANN001
         raise NotImplementedError
 
+    def init_from_dense(self, weight: Tensor, bias: Tensor | None, *, noise_std: float) -> None:
+        """Start from a dense kernel so that the layer computes the same function."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        *,
+        num_kernels: int = 4,
+        init: str = "copy",
+        noise_std: float = 0.01,
+        **kwargs,
+    ) -> PerSampleConv2d:
+        """A PAD layer with the geometry, device, dtype and mode of a trained ``nn.Conv2d``.
+
+        ``init='copy'`` starts every dynamic kernel and the static kernel from the trained one,
+        scaled where the routing requires it (:meth:`init_from_dense`), so the output is
+        unchanged for any mask; ``'copy_noise'`` adds noise of relative std ``noise_std`` to the
+        copies; ``'kaiming'`` initialises everything afresh. ``kwargs`` go to the constructor.
+        """
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+            num_kernels=num_kernels, device=conv.weight.device, dtype=conv.weight.dtype,
+            **kwargs,
+        )
+        if init != "kaiming":
+            noise = noise_std if init == "copy_noise" else 0.0
+            layer.init_from_dense(conv.weight, conv.bias, noise_std=noise)
+        return layer.train(conv.training)
+
     def observe(self, routing) -> None:  # noqa: ANN001
         """Report this batch's fully dynamic kernels to the mode mask (see ModeMask.observe)."""
         self.pad.observe_mixture(routing, self.weight)
@@ -316,41 +358,17 @@ class DynamicConv2d(PerSampleConv2d):
             routing = torch.cat([routing, routing.new_ones(routing.shape[0], 1)], dim=1)
         return conv2d_mixture(xp, kernels, routing, bias, *geometry)
 
-    @classmethod
-    def from_conv(
-        cls,
-        conv: nn.Conv2d,
-        *,
-        num_kernels: int = 4,
-        routing: str = "softmax",
-        init: str = "copy",
-        noise_std: float = 0.01,
-        **kwargs,
-    ) -> DynamicConv2d:
-        """A dynamic layer that starts from a trained ``nn.Conv2d``.
+    @torch.no_grad()
+    def init_from_dense(self, weight: Tensor, bias: Tensor | None, *, noise_std: float) -> None:
+        """Function-preserving start from a dense kernel (see :meth:`from_conv`).
 
-        ``init='copy'`` copies the kernel into every ``W_k`` and ``W_s``: the output is unchanged
-        for any mask. Sigmoid routing does not sum to one, so its router's output layer is zeroed
-        (every weight 0.5) and the copies are scaled by ``2 / K``. ``'copy_noise'`` adds noise of
-        relative std ``noise_std`` to the copies; ``'kaiming'`` re-initialises everything.
+        Sigmoid routing does not sum to one, so the router's output layer is zeroed (every
+        routing weight 0.5) and the copies are scaled by ``2 / K``.
         """
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-            num_kernels=num_kernels, routing=routing, device=conv.weight.device,
-            dtype=conv.weight.dtype, **kwargs,
-        )
-        if init != "kaiming":
-            scale = 1.0
-            if routing == "sigmoid":
-                for fc in layer.router.output_layers():
-                    nn.init.zeros_(fc.weight)
-                    nn.init.zeros_(fc.bias)
-                scale = 2.0 / num_kernels
-            layer.load_dense(
-                conv.weight, conv.bias, scale=scale,
-                noise_std=noise_std if init == "copy_noise" else 0.0,
-            )
-        return layer.train(conv.training)
+        scale = 1.0
+        if self.routing == "sigmoid":
+            for fc in self.router.output_layers():
+                nn.init.zeros_(fc.weight)
+                nn.init.zeros_(fc.bias)
+            scale = 2.0 / self.num_kernels
+        self.load_dense(weight, bias, scale=scale, noise_std=noise_std)

@@ -385,7 +385,7 @@ class MoE(nn.Module):
 
     def __getstate__(self) -> dict:
         # the last forward's aux loss holds an autograd graph: copies (deepcopy, pickle) drop it
-        state = super().__getstate__()
+        state = dict(super().__getstate__())
         state.update(aux_loss=None, aux_terms={}, padding_mask_hint=None)
         return state
 

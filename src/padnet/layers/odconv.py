@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from padnet.layers.dynamic_conv import INITS, PerSampleConv2d
+from padnet.layers.dynamic_conv import PerSampleConv2d
 from padnet.layers.routing import ODAttention, ODConvRouter
 from padnet.ops.conv import aggregate_weights
 
@@ -116,32 +116,13 @@ class ODConv2d(PerSampleConv2d):
     def sample_weights(self, routing: ODAttention) -> Tensor:
         return self.pad.combine(self.theta_hat(routing), self.static_weight)
 
-    @classmethod
-    def from_conv(
-        cls, conv: nn.Conv2d, *, num_kernels: int = 4, init: str = "copy",
-        noise_std: float = 0.01, **kwargs,
-    ) -> ODConv2d:
-        """An ODConv layer that starts from a trained ``nn.Conv2d``.
-
-        ``init='copy'`` zeroes the four attention heads (kernel attention ``1/K``, the three
-        sigmoid attentions 0.5) and scales the kernel copies by 8, so the output is unchanged for
-        any mask; ``'copy_noise'`` adds relative noise ``noise_std``; ``'kaiming'`` is random.
-        """
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-            num_kernels=num_kernels, device=conv.weight.device, dtype=conv.weight.dtype, **kwargs,
-        )
-        if init != "kaiming":
-            for fc in layer.router.output_layers():
-                nn.init.zeros_(fc.weight)
-                nn.init.zeros_(fc.bias)
-            layer.load_dense(
-                conv.weight, conv.bias, scale=8.0,
-                noise_std=noise_std if init == "copy_noise" else 0.0,
-            )
-            if layer.bias is not None and conv.bias is not None:
-                layer.bias.data.copy_(conv.bias.expand_as(layer.bias))  # bias skips attention
-        return layer.train(conv.training)
+    @torch.no_grad()
+    def init_from_dense(self, weight: Tensor, bias: Tensor | None, *, noise_std: float) -> None:
+        """Function-preserving start from a dense kernel (see :meth:`from_conv`): the four
+        attention heads are zeroed (kernel attention ``1/K``, the three sigmoid attentions 0.5)
+        and the kernel copies scaled by 8; biases, which skip the attentions, are copied as
+        they are."""
+        for fc in self.router.output_layers():
+            nn.init.zeros_(fc.weight)
+            nn.init.zeros_(fc.bias)
+        self.load_dense(weight, bias, scale=8.0, bias_scale=1.0, noise_std=noise_std)
