@@ -203,7 +203,7 @@ def reps_for(mode: str, tokens: int, hidden: int, quick: bool) -> int:
     if quick:
         return 2
     if mode == "train":
-        return 5
+        return 7
     work = tokens * hidden
     return 9 if work <= 2048 * 384 else 7 if work <= 4096 * 384 else 5 if work <= 4096 * 768 else 3
 
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{time.time() - start:.0f} s",
         f"- {EXPERTS} experts, float32, 'infer' = eval mode without autograd, 'train' = forward "
         f"+ backward with an input that needs a gradient (as inside a network). Interleaved "
-        f"rounds (infer: 9 at small sizes down to 3 at the largest; train: 5); per variant the "
+        f"rounds (infer: 9 at small sizes down to 3 at the largest; train: 7); per variant the "
         f"median over rounds of time / dense time of the same round. PAD-MoE: dynamic ratio "
         f"0.5, scale mode 'both'. '-': not measured (the shared-expert path only up to 2048 "
         f"tokens).",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -242,6 +244,9 @@ def test_state_dict_round_trip_and_stats() -> None:
     other.load_state_dict(layer.state_dict())
     x = torch.randn(5, H, dtype=torch.float64)
     torch.testing.assert_close(other(x), layer(x))
+    clone = copy.deepcopy(layer)  # after a forward: the graph-holding aux loss is not copied
+    assert clone.aux_loss is None and isinstance(layer.aux_loss, torch.Tensor)
+    torch.testing.assert_close(clone(x), layer(x))
     stats = pytest.importorskip("padnet.convert.stats").stats(layer)
     n1 = I * H
     by_name = {s.name: s for s in stats.layers}
