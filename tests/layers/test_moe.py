@@ -299,3 +299,20 @@ def test_bad_inputs() -> None:
         MoE.from_dense(nn.Linear(H, I), nn.Linear(I, H + 1))
     with pytest.raises(ValueError, match="init"):
         MoE.from_dense(nn.Linear(H, I), nn.Linear(I, H), init="zeros")
+
+
+def test_observed_moments_are_the_per_token_mixed_weights():
+    torch.manual_seed(0)
+    moe = MoE(6, 10, num_experts=4, top_k=2).double()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    _, gates, experts, _ = moe.route(x)
+    for pad in (moe.pad1, moe.pad2):
+        pad.observing = True
+    moe(x)
+    for pad, w in ((moe.pad1, moe.w1), (moe.pad2, moe.w2)):
+        theta = torch.stack([sum(gates[n, s] * w[experts[n, s]] for s in range(2))
+                             for n in range(7)]).detach()
+        mean, var = pad.theta_moments()
+        torch.testing.assert_close(mean, theta.mean(0))
+        torch.testing.assert_close(var, theta.var(0, unbiased=False))
+    assert [t[0] for t in moe.pad_weights()] == [moe.pad1, moe.pad2]

@@ -321,6 +321,8 @@ class MoE(nn.Module):
         Returns ``(N, H)``: ``sum_s gates[n, s] * FFN_{experts[n, s]}(x[n])`` over kept slots.
         """
         path = self.path if self.path != "auto" else "loop"
+        if self.pad1.observing or self.pad2.observing:
+            self.observe(gates, experts, keep)
         d = dsp.sort_by_expert(experts, self.num_experts, keep)
         s1, s2 = self._has_static(self.pad1), self._has_static(self.pad2)
         if (s1 or s2) and self._static_mode() == "shared":
@@ -330,6 +332,19 @@ class MoE(nn.Module):
         m2 = (self.w2, *self._fold_terms(self.pad2, self.w2_static, s2), self.b2)
         y = dsp.grouped_ffn(xs, d, m1, m2, self.act, path=path)  # (A, H), a fresh tensor
         return dsp.combine(y, d, gates, inplace=True)
+
+    def observe(self, gates: Tensor, experts: Tensor, keep: Tensor | None = None) -> None:
+        """Report each token's fully dynamic weights ``sum_e g_e W_e`` to the mode masks (for
+        partitioning: variance score, mean static init); ``gates``/``experts`` ``(N, k)``."""
+        weights = gates if keep is None else gates * keep
+        coeffs = gates.new_zeros(gates.shape[0], self.num_experts)
+        coeffs.scatter_add_(1, experts, weights.to(coeffs.dtype))  # (N, E)
+        self.pad1.observe_mixture(coeffs, self.w1)
+        self.pad2.observe_mixture(coeffs, self.w2)
+
+    def pad_weights(self) -> list[tuple[ModeMask, Tensor, Tensor]]:
+        """``(mode mask, dynamic factors (E, *shape), static weight)`` of both matrices."""
+        return [(self.pad1, self.w1, self.w1_static), (self.pad2, self.w2, self.w2_static)]
 
     @staticmethod
     def _fold_terms(
