@@ -71,3 +71,16 @@ def test_parse_overrides_and_replace():
     assert parse_overrides(["--lr", "0.1", "--out_dir=x"]) == {"lr": "0.1", "out_dir": "x"}
     cfg = TrainConfig().replace(method="dyconv", dynamic_ratio="0.5")
     assert cfg.dynamic_ratio == 0.5 and TrainConfig().method == "none"
+
+
+def test_oneshot_taylor_after_exact_copies_warns():
+    import warnings
+
+    from padnet.train.config import load_config
+
+    args = ["--method", "dyconv", "--imp-mode", "oneshot"]
+    with pytest.warns(UserWarning, match="every Taylor score is zero"):
+        load_config(None, args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, [*args, "--init", "copy_noise"])

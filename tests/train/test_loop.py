@@ -95,7 +95,8 @@ def test_resume_mid_epoch_ends_with_identical_weights(tiny_npz, tmp_path):
 def test_oneshot_partition_and_run_directory_guard(tiny_npz, tmp_path):
     cfg = tiny_config(tiny_npz, tmp_path / "run", "--method", "condconv", "--dynamic-ratio",
                       "0.25", "--imp-mode", "oneshot", "--imp-iterations", "2",
-                      "--imp-granularity", "channel", "--epochs", "1", "--schedule", "linear")
+                      "--imp-granularity", "channel", "--epochs", "1", "--schedule", "linear",
+                      "--init", "copy_noise")
     result = train(cfg, quiet=True)
     assert abs(result.summary["stats"]["dynamic_ratio"] - 0.25) < 0.05
     assert result.history[0]["temperature"] is None  # CondConv has no temperature

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -167,6 +168,12 @@ class TrainConfig:
         if self.imp_mode != "none" and self.method == "none":
             raise ValueError(f"imp_mode={self.imp_mode!r} needs a dynamic method "
                              f"(method is 'none')")
+        if self.imp_mode == "oneshot" and self.init == "copy" and self.imp_score == "taylor":
+            warnings.warn(
+                "imp_mode='oneshot' right after init='copy' scores a model whose dynamic and "
+                "static kernels are identical: every Taylor score is zero and the mask is "
+                "arbitrary; use init='copy_noise' or imp_mode='interleaved'",
+                UserWarning, stacklevel=2)
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
