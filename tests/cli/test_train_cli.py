@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from padnet.cli.main import main
@@ -18,12 +17,7 @@ TINY = ("dataset: npz\nmodel: resnet8\nwidth: 4\nbatch_size: 16\nval_fraction: 0
         "temperature_anneal_epochs: 1\n")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -61,21 +61,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_match_a_single_process_on_the_union(tmp_path):
+def test_two_ranks_match_a_single_process_on_the_union(tmp_path, one_thread):
     mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for i, (score, static_init, granularity) in enumerate(RUNS):
-            model, data = model_and_data()
-            # the union, in the order the ranks' sums add up: rank 0's batches, then rank 1's
-            partition(model, data[0::2] + data[1::2], dynamic_ratio=0.4, iterations=2,
-                      score=score, static_init=static_init, granularity=granularity)
-            single = final_state(model)
-            for a, b, c in zip(ranks[0][i], ranks[1][i], single, strict=True):
-                assert torch.equal(a, b)  # every rank holds the same mask and static weight
-                torch.testing.assert_close(a, c)
-            assert not all(m.all() for m in single[:2])  # something was partitioned
-    finally:
-        torch.set_num_threads(threads)
+    for i, (score, static_init, granularity) in enumerate(RUNS):
+        model, data = model_and_data()
+        # the union, in the order the ranks' sums add up: rank 0's batches, then rank 1's
+        partition(model, data[0::2] + data[1::2], dynamic_ratio=0.4, iterations=2,
+                  score=score, static_init=static_init, granularity=granularity)
+        single = final_state(model)
+        for a, b, c in zip(ranks[0][i], ranks[1][i], single, strict=True):
+            assert torch.equal(a, b)  # every rank holds the same mask and static weight
+            torch.testing.assert_close(a, c)
+        assert not all(m.all() for m in single[:2])  # something was partitioned

@@ -23,14 +23,7 @@ from torch import nn
 from padnet.layers import DynamicConv2d
 from padnet.partition.imp import BatchSource, IterativePartition
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -18,13 +18,7 @@ TINY = ["--model", "resnet8", "--width", "4", "--batch-size", "16", "--val-fract
         "--lr", "0.05", "--temperature-anneal-epochs", "1", "--num-kernels", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from two, and lose much on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
