@@ -230,7 +230,8 @@ class PerSampleConv2d(nn.Module):
             return y if bias is None else y + bias[:, :, None, None]
         path = self.resolve_path(x.shape[0], self.output_area(*x.shape[-2:]))
         if path == "mixture":
-            return self.forward_mixture(xp, routing, bias, geometry, with_static=state != "dynamic")
+            return self.forward_mixture(xp, routing, bias, geometry,
+                                        with_static=self.pad.has_static())
         weight = self.sample_weights(routing)
         run = conv2d_unfold if path == "unfold" else conv2d_per_sample
         return run(xp, weight, bias, *geometry)

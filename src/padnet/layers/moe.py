@@ -66,16 +66,6 @@ def _non_negative(value: float, name: str) -> float:
     return float(value)
 
 
-def _dynamic(pad: ModeMask, weight: Tensor) -> Tensor:
-    """``lam_d * M * weight`` (via ``pad``), skipping the work where it is the identity."""
-    if pad.state() == "dynamic":
-        lam_d, _ = pad.scales()
-        if not lam_d.requires_grad and float(lam_d) == 1.0:
-            return weight
-        return weight * lam_d.to(weight.dtype)
-    return pad.dynamic(weight)
-
-
 class MoE(nn.Module):
     """Mixture of ``num_experts`` FFN experts ``hidden -> intermediate -> hidden``, top-k routed.
 
@@ -324,7 +314,7 @@ class MoE(nn.Module):
         if self.pad1.observing or self.pad2.observing:
             self.observe(gates, experts, keep)
         d = dsp.sort_by_expert(experts, self.num_experts, keep)
-        s1, s2 = self._has_static(self.pad1), self._has_static(self.pad2)
+        s1, s2 = self.pad1.has_static(), self.pad2.has_static()
         if (s1 or s2) and self._static_mode() == "shared":
             return self._shared_forward(x, d, gates, s1, s2, path)
         xs = x.index_select(0, d.token)  # (A, H)
@@ -357,10 +347,8 @@ class MoE(nn.Module):
         ``static = lam_s (1 - M) W_s`` (None where it is exactly zero).
         """
         if pad.state() == "dynamic":
-            lam_d, _ = pad.scales()
-            if not lam_d.requires_grad and float(lam_d) == 1.0:
-                return None, None
-            return lam_d.to(static_weight.dtype), None
+            lam_d = pad.dynamic_scale()
+            return (None if lam_d is None else lam_d.to(static_weight.dtype)), None
         factor = pad.dynamic(static_weight.new_ones(()))  # (out, in)
         return factor, pad.static(static_weight) if has_static else None
 
@@ -369,7 +357,7 @@ class MoE(nn.Module):
     ) -> Tensor:
         """The static parts as shared experts (few tokens): ``x S1^T`` once for all tokens,
         added to every routed pre-activation; ``sum_e g_e h_e S2^T = (sum_e g_e h_e) S2^T``."""
-        w1, w2 = _dynamic(self.pad1, self.w1), _dynamic(self.pad2, self.w2)
+        w1, w2 = self.pad1.dynamic(self.w1), self.pad2.dynamic(self.w2)
         pre = dsp.grouped_linear(x.index_select(0, d.token), d, w1, self.b1, path=path)  # (A, I)
         if s1:
             pre = pre + F.linear(x, self.pad1.static(self.w1_static)).index_select(0, d.token)
@@ -388,15 +376,6 @@ class MoE(nn.Module):
         is stored sparsely (deployment).
         """
         return "fold" if self.static_path == "auto" else self.static_path
-
-    @staticmethod
-    def _has_static(pad: ModeMask) -> bool:
-        """False where ``lam_s * (1 - M) * W_s`` is exactly zero (all-dynamic mask, or a
-        constant ``lam_s = 0`` as in scale mode ``prune``)."""
-        if pad.state() == "dynamic":
-            return False
-        _, lam_s = pad.scales()
-        return lam_s.requires_grad or float(lam_s) != 0.0
 
     def __getstate__(self) -> dict:
         # the last forward's aux loss holds an autograd graph: copies (deepcopy, pickle) drop it

@@ -241,12 +241,26 @@ class ModeMask(nn.Module):
         return mean, (self.theta_sq_sum / self.observed - mean.square()).clamp_min(0.0)
 
     # ---- folding -------------------------------------------------------------------------
+    def dynamic_scale(self) -> Tensor | None:
+        """``lam_d`` as a 0-dim tensor, or None where it is the constant 1 (modes ``s``,
+        ``none``, ``prune``) and multiplying by it is wasted work."""
+        return None if self.scale_mode in ("s", "none", "prune") else self.scales()[0]
+
+    def has_static(self) -> bool:
+        """False where ``lam_s * (1 - M) * W_s`` is exactly zero: an all-dynamic mask, or scale
+        mode ``prune`` (``lam_s = 0``). Layers skip the static part then."""
+        return self.state() != "dynamic" and self.scale_mode != "prune"
+
     def dynamic(self, weight: Tensor) -> Tensor:
-        """``lam_d * M * weight`` for dynamic factors of shape ``(..., *shape)``."""
-        lam_d = self.scales()[0].to(weight.dtype)
+        """``lam_d * M * weight`` for dynamic factors of shape ``(..., *shape)``.
+
+        With an all-dynamic mask and a constant ``lam_d = 1`` this is ``weight`` itself (no
+        copy): callers must not modify the result in place.
+        """
         if self.state() == "dynamic":  # M = 1: skip the mask
-            return weight * lam_d
-        return weight * (lam_d * self.mask_as(weight))
+            lam_d = self.dynamic_scale()
+            return weight if lam_d is None else weight * lam_d.to(weight.dtype)
+        return weight * (self.scales()[0].to(weight.dtype) * self.mask_as(weight))
 
     def static(self, static_weight: Tensor) -> Tensor:
         """``lam_s * (1 - M) * static_weight`` for a static weight of shape ``shape``."""
@@ -256,7 +270,7 @@ class ModeMask(nn.Module):
     def combine(self, theta_hat: Tensor, static_weight: Tensor) -> Tensor:
         """``W = lam_d M * theta_hat + lam_s (1 - M) * W_s`` for mixed weights ``theta_hat``
         of shape ``(..., *shape)`` (e.g. one per sample); the static part is broadcast."""
-        if self.state() == "dynamic":  # nothing static to add
+        if not self.has_static():  # nothing static to add
             return self.dynamic(theta_hat)
         return self.dynamic(theta_hat) + self.static(static_weight)
 
