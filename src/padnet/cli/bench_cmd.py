@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import padnet
-    from padnet.train.compare import measure_latency
+    from padnet.bench import measure_latency
     from padnet.utils.io import atomic_write
 
     if args.threads is not None:

@@ -10,13 +10,11 @@ weights (safetensors) and a JSON summary, both written atomically.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import copy
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,19 +67,9 @@ def check_batch(args: argparse.Namespace, size: int) -> tuple[torch.Tensor, str]
     return (x - 0.5) / 0.5, "Fashion-MNIST test images"
 
 
-@torch.no_grad()
-def latency_ms(model: nn.Module, x: torch.Tensor, reps: int = 10) -> float:
-    model(x)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def run(args: argparse.Namespace) -> int:
     import padnet
+    from padnet.bench import measure_latency
     from padnet.models import create_model
     from padnet.utils.io import save_json, save_safetensors
 
@@ -95,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         x, source = check_batch(args, size)
         with torch.no_grad():
             before = model(x)
-        t_static = latency_ms(model, x[:1])
+        static = copy.deepcopy(model)  # timed side by side with the converted model
 
     padnet.dynamize(
         model, args.method, num_kernels=args.num_kernels, include=args.include,
@@ -113,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
             after = model(x)
         rel = float((after - before).abs().max() / before.abs().max())
         agree = float((after.argmax(1) == before.argmax(1)).float().mean())
-        t_dynamic = latency_ms(model, x[:1])
+        ms = measure_latency({"static": static, "converted": model}, x[:1], reps=10)
+        t_static, t_dynamic = ms["static"], ms["converted"]
         print(f"\ncheck on {len(x)} {source} ({size}x{size}): max |difference| / max |output| "
               f"= {rel:.2e}, top-1 agreement {agree:.1%}")
         print(f"latency at batch 1: static {t_static:.1f} ms, converted {t_dynamic:.1f} ms "

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import csv
 import io
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from padnet.train.build import batch_inputs, model_logits
+from padnet.bench import measure_latency
+from padnet.train.build import batch_inputs
 from padnet.train.config import TrainConfig
 from padnet.train.distributed import cleanup_distributed, init_distributed
 from padnet.utils.io import atomic_write
@@ -54,38 +52,6 @@ def example_inputs(splits: Any, batch_size: int, device: torch.device) -> Any:
     items = [data[i] for i in range(min(batch_size, len(data)))]
     inputs, _ = batch_inputs(splits.collate(items), device)
     return inputs
-
-
-@torch.no_grad()
-def measure_latency(models: dict[str, nn.Module], inputs: Any, *, reps: int = 20,
-                    warmup: int = 2) -> dict[str, float]:
-    """Median forward time in milliseconds of each model on ``inputs``, eval mode, repetitions
-    interleaved across models (their order rotated every round)."""
-    names = list(models)
-    modes = {n: m.training for n, m in models.items()}
-    times: dict[str, list[float]] = {n: [] for n in names}
-    try:
-        for m in models.values():
-            m.eval()
-            for _ in range(warmup):
-                model_logits(m, inputs)
-        for r in range(reps):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                _sync(inputs)
-                start = time.perf_counter()
-                model_logits(models[name], inputs)
-                _sync(inputs)
-                times[name].append(time.perf_counter() - start)
-    finally:
-        for n, m in models.items():
-            m.train(modes[n])
-    return {n: statistics.median(t) * 1e3 for n, t in times.items()}
-
-
-def _sync(inputs: Any) -> None:
-    first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs
-    if first.is_cuda:
-        torch.cuda.synchronize(first.device)
 
 
 @dataclass
