@@ -85,8 +85,8 @@ class NaivePadMoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.moe
-        w1 = m.pad1.combine(m.w1, m.w1_static).unbind(0)
-        w2 = m.pad2.combine(m.w2, m.w2_static).unbind(0)
+        w1 = m.mode_mask1.combine(m.w1, m.w1_static).unbind(0)
+        w2 = m.mode_mask2.combine(m.w2, m.w2_static).unbind(0)
         b1, b2 = m.b1.unbind(0), m.b2.unbind(0)
         logits = F.linear(x.float(), m.router.weight.float())
         values, experts = torch.topk(logits, m.top_k, dim=-1)
@@ -107,13 +107,13 @@ def variants(hidden: int, inter: int) -> dict[str, nn.Module]:
     out: dict[str, nn.Module] = {"dense": dense}
     for k in (1, 2):
         out[f"moe_top{k}"] = MoE.from_dense(fc1, fc2, num_experts=EXPERTS, top_k=k,
-                                            init="copy_noise", noise_std=0.1)
+                                            init="copy_noise", copy_noise_std=0.1)
     out["moe_top2_bmm"] = MoE.from_dense(fc1, fc2, num_experts=EXPERTS, top_k=2, path="bmm",
-                                         init="copy_noise", noise_std=0.1)
+                                         init="copy_noise", copy_noise_std=0.1)
     for path in ("fold", "shared"):
         out[f"pad_top2_{path}"] = MoE.from_dense(
             fc1, fc2, num_experts=EXPERTS, top_k=2, dynamic_ratio=0.5, static_path=path,
-            init="copy_noise", noise_std=0.1)
+            init="copy_noise", copy_noise_std=0.1)
     for k in (1, 2):
         out[f"naive_top{k}"] = NaiveMoE(out[f"moe_top{k}"])
     out["naive_pad_top2"] = NaivePadMoE(out["pad_top2_fold"])

@@ -38,8 +38,8 @@ def per_sample_conv(layer, x: Tensor, routing, *, fully_dynamic: bool = False) -
     ``fully_dynamic``: no mask at all), bias ``sum_k pi_k b_k``.
     """
     conv = plain_conv_like(layer)
-    lam_d, lam_s = layer.pad.scales()
-    m = layer.pad.mask.to(x.dtype)
+    lam_d, lam_s = layer.mode_mask.scales()
+    m = layer.mode_mask.mask.to(x.dtype)
     kern = routing.kernel if isinstance(routing, ODAttention) else routing
     outs = []
     for b in range(x.shape[0]):

@@ -14,25 +14,26 @@ from torch import Tensor
 
 
 def scale_factors(phi: Tensor, mode: str) -> tuple[Tensor, Tensor]:
-    """``(lam_d, lam_s)`` of PADNET.md §2 for a scale-factor mode."""
+    """``(lam_d, lam_s)`` of docs/method.md §2 for a scale-factor mode."""
     learned = 2 * torch.sigmoid(phi)
     one = torch.ones_like(phi)
     return {
         "both": (learned, 2 - learned),
-        "d": (learned, one),
-        "s": (one, learned),
+        "dynamic_only": (learned, one),
+        "static_only": (one, learned),
         "none": (one, one),
         "prune": (one, torch.zeros_like(phi)),
-    }[mode]
+    }[{"s": "static_only", "d": "dynamic_only"}.get(mode, mode)]
 
 
 def effective_weights(layer) -> tuple[Tensor, Tensor]:
     """``W_e(eff) = lam_d M * W_e + lam_s (1 - M) * W_s`` for both matrices, ``(E, out, in)``."""
     out = []
-    pairs = ((layer.pad1, layer.w1, layer.w1_static), (layer.pad2, layer.w2, layer.w2_static))
+    pairs = ((layer.mode_mask1, layer.w1, layer.w1_static),
+             (layer.mode_mask2, layer.w2, layer.w2_static))
     for pad, w, ws in pairs:
         lam_d, lam_s = scale_factors(pad.phi, pad.scale_mode)
-        m = pad.probe if pad.probe is not None else pad.mask.to(w.dtype)
+        m = pad.mask_override if pad.mask_override is not None else pad.mask.to(w.dtype)
         out.append(torch.stack([lam_d * m * w[e] + lam_s * (1 - m) * ws for e in range(len(w))]))
     return out[0], out[1]
 

@@ -11,7 +11,7 @@ from padnet.layers import (
     set_temperature,
     temperature_schedule,
 )
-from padnet.partition import partition  # the function; `import padnet.partition.X` still works
+from padnet.partition import partition_model
 
 __version__ = "0.1.0"
 
@@ -23,7 +23,7 @@ __all__ = [
     "__version__",
     "aux_loss",
     "dynamize",
-    "partition",
+    "partition_model",
     "set_scale_mode",
     "set_temperature",
     "stats",

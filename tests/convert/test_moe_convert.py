@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from padnet.convert.moe import dynamize_moe, find_ffn_blocks
-from padnet.layers.aux import aux_loss
+from padnet.layers.auxiliary import aux_loss
 from padnet.layers.moe import MoE
 from padnet.ops import routing as rt
 
@@ -94,7 +94,7 @@ def test_copy_noise_and_kaiming_inits() -> None:
     x = torch.randn(6, D)
     ref = model(x)
     dense_w1 = model.ffn0[0].weight.detach().clone()
-    dynamize_moe(model, num_experts=3, init="copy_noise", noise_std=0.05)
+    dynamize_moe(model, num_experts=3, init="copy_noise", copy_noise_std=0.05)
     assert not torch.allclose(model(x), ref)
     assert torch.equal(model.ffn0.w1_static, dense_w1)  # noise on the expert copies only
     assert not torch.equal(model.ffn0.w1[0], model.ffn0.w1[1])

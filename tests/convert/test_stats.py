@@ -17,10 +17,10 @@ def test_stats_match_count_formula_for_hand_set_masks():
     )
     m1 = torch.zeros(6, 4, 3, 3, dtype=torch.bool)
     m1[:2] = True  # 72 of 216 dynamic
-    model[1].pad.set_mask(m1)
+    model[1].mode_mask.set_mask(m1)
     m2 = torch.zeros(6, 2, 1, 1, dtype=torch.bool)
     m2[0, 0] = m2[5, 1] = m2[3, 0] = True  # 3 of 12
-    model[2].pad.set_mask(m2)
+    model[2].mode_mask.set_mask(m2)
 
     s = padnet.stats(model)
     a, b = s.layers
@@ -47,7 +47,7 @@ def test_extreme_ratios_and_static_model():
     layer = DynamicConv2d(2, 2, 3, num_kernels=3)
     n = 2 * 2 * 9
     assert padnet.stats(layer).layers[0].stored_params == 3 * n  # fully dynamic
-    layer.pad.set_ratio(0.0)
+    layer.mode_mask.set_ratio(0.0)
     assert padnet.stats(layer).layers[0].stored_params == n  # static
     static = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Linear(2, 2))
     s = padnet.stats(static)

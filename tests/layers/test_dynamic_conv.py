@@ -35,7 +35,7 @@ def build(kind: str, geometry: str, **kwargs):
     torch.manual_seed(0)
     layer = cls(*args, num_kernels=3, **extra, **kwargs).double()
     with torch.no_grad():
-        layer.pad.phi.fill_(0.4)  # lam_d != lam_s != 1, so scale mistakes show
+        layer.mode_mask.phi.fill_(0.4)  # lam_d != lam_s != 1, so scale mistakes show
     return layer
 
 
@@ -83,13 +83,13 @@ def test_ratio_one_is_fully_dynamic_and_zero_is_static(kind, geometry):
         layer.path = path
         assert_same(run_and_grad(lambda x: layer(x, routing), layer, x), full)
 
-    layer.pad.set_ratio(0.0)
+    layer.mode_mask.set_ratio(0.0)
     static = nn.Conv2d(*GEOMETRIES[geometry][:7], bias=False,
                        padding_mode=GEOMETRIES[geometry][8]).double()
     kern = routing.kernel if kind == "odconv" else routing
 
     def reference(x):
-        lam_s = layer.pad.scales()[1]
+        lam_s = layer.mode_mask.scales()[1]
         y = torch.func.functional_call(static, {"weight": lam_s * layer.static_weight}, (x,))
         return y if layer.bias is None else y + (kern @ layer.bias)[:, :, None, None]
 
@@ -152,10 +152,11 @@ def test_auto_path_rule_and_exactness():
     torch.testing.assert_close(layer(x), per_sample_conv(layer, x, layer.route(x)))
 
 
-@pytest.mark.parametrize("mode", ["both", "s", "d", "none", "prune"])
+@pytest.mark.parametrize("mode", ["both", "static_only", "dynamic_only", "none", "prune", "s",
+                                  "d"])
 def test_scale_modes_against_oracle(mode):
     layer = build("dyconv", "plain3x3", dynamic_ratio=0.5, scale_mode=mode)
-    lam_d, lam_s = layer.pad.scales()
+    lam_d, lam_s = layer.mode_mask.scales()
     expected = {"both": (2 * torch.sigmoid(torch.tensor(0.4)),) * 1}
     if mode == "both":
         torch.testing.assert_close(lam_d + lam_s, torch.tensor(2.0, dtype=lam_d.dtype))
@@ -165,9 +166,9 @@ def test_scale_modes_against_oracle(mode):
     elif mode == "prune":
         assert float(lam_d) == 1.0 and float(lam_s) == 0.0
     else:
-        fixed = lam_d if mode == "s" else lam_s
+        fixed = lam_d if mode in ("s", "static_only") else lam_s
         assert float(fixed) == 1.0
-    assert layer.pad.phi.requires_grad == (mode in ("both", "s", "d"))
+    assert layer.mode_mask.phi.requires_grad == (mode not in ("none", "prune"))
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(layer(x), per_sample_conv(layer, x, layer.route(x)))
 
@@ -186,7 +187,8 @@ def test_injected_routing_is_used_and_router_is_skipped():
     one_hot = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]], dtype=torch.float64)
     y = layer(x, one_hot)
     for b, k in ((0, 0), (1, 2)):
-        ref = F.conv2d(x[b:b + 1], layer.pad.dynamic(layer.weight)[k], layer.bias[k], padding=1)
+        kernel = layer.mode_mask.dynamic(layer.weight)[k]
+        ref = F.conv2d(x[b:b + 1], kernel, layer.bias[k], padding=1)
         torch.testing.assert_close(y[b:b + 1], ref)
     y.sum().backward()
     assert all(p.grad is None for p in layer.router.parameters())

@@ -34,7 +34,7 @@ def test_state_follows_in_place_changes_and_state_dict_loads():
     assert pad.state() == "static"
     pad.load_state_dict({"mask": torch.eye(4), "phi": torch.tensor(0.0)})  # float 0/1 accepted
     assert pad.state() == "mixed" and pad.num_dynamic == 4
-    pad.probe = torch.ones(4, 4, requires_grad=True)
+    pad.mask_override = torch.ones(4, 4, requires_grad=True)
     assert pad.state() == "mixed"
 
 
@@ -42,47 +42,23 @@ def test_probe_carries_the_gradient_with_respect_to_the_mask():
     layer = DynamicConv2d(2, 3, 3, padding=1, num_kernels=2, dynamic_ratio=0.5).double()
     x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
     y0 = layer(x)
-    layer.pad.probe = layer.pad.mask.double().requires_grad_(True)
+    layer.mode_mask.mask_override = layer.mode_mask.mask.double().requires_grad_(True)
     y = layer(x)
     torch.testing.assert_close(y, y0)
     y.sum().backward()
-    assert layer.pad.probe.grad.shape == layer.pad.mask.shape
-    assert layer.pad.probe.grad.abs().sum() > 0
+    assert layer.mode_mask.mask_override.grad.shape == layer.mode_mask.mask.shape
+    assert layer.mode_mask.mask_override.grad.abs().sum() > 0
 
 
 def test_set_scale_mode_on_a_model_and_errors():
     model = torch.nn.Sequential(DynamicConv2d(2, 2, 1), DynamicConv2d(2, 2, 1))
     assert set_scale_mode(model, "none") == 2
-    assert all(not m.pad.phi.requires_grad for m in model)
+    assert all(not m.mode_mask.phi.requires_grad for m in model)
     with pytest.raises(ValueError, match="scale_mode must be one of .*'x'"):
         set_scale_mode(model, "x")
-    with pytest.raises(ValueError, match="num_factors must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_factors must be an int >= 1, got 0"):
         ModeMask((2,), 0)
     with pytest.raises(ValueError, match=r"mask must have shape \(2,\), got \(3,\)"):
         ModeMask((2,), 1).set_mask(torch.ones(3))
     with pytest.raises(TypeError, match="dynamic_ratio must be a number"):
         ModeMask((2,), 1, dynamic_ratio="half")
-
-
-def test_observed_moments_equal_per_sample_statistics():
-    from padnet.layers import ODConv2d
-    from reference import make_routing, mixed_kernel
-
-    for layer in (DynamicConv2d(3, 4, 3, num_kernels=3, routing="sigmoid").double(),
-                  ODConv2d(4, 4, 3, groups=2, num_kernels=2).double()):
-        x = torch.randn(5, layer.in_channels, 6, 6, dtype=torch.float64)
-        routing = make_routing(layer, 5, torch.Generator().manual_seed(0), torch.float64)
-        layer(x, routing)  # not observing: nothing recorded
-        assert layer.pad.observed == 0
-        layer.pad.observing = True
-        layer(x[:2], routing[:2] if isinstance(routing, torch.Tensor) else type(routing)(
-            *(r[:2] for r in routing)))
-        layer(x, routing)
-        thetas = torch.stack([mixed_kernel(layer, routing, b) for b in range(5)])
-        thetas = torch.cat([thetas[:2], thetas]).detach()
-        mean, var = layer.pad.theta_moments()
-        torch.testing.assert_close(mean, thetas.mean(0))
-        torch.testing.assert_close(var, thetas.var(0, unbiased=False))
-        layer.pad.reset_observation()
-        with pytest.raises(RuntimeError, match="no Theta_hat observed"):
-            layer.pad.theta_moments()

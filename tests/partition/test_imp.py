@@ -8,8 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from padnet.layers import DynamicConv2d, ModeMask, ODConv2d
-from padnet.partition import IterativePartition, find_pad_weights, partition
+from padnet.layers import DynamicConv2d, ModeMask, ODConv2d, PadLayer, PadWeight, find_pad_weights
+from padnet.partition import (
+    IterativePartition,
+    ThetaObserver,
+    default_loss,
+    partition_model,
+    scoring_pass,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,22 +49,22 @@ def test_counts_exact_after_every_iteration(schedule, scope, granularity):
                              schedule=schedule, scope=scope, granularity=granularity,
                              num_batches=2, bn_mode="eval")
     entries = imp.entries
-    sizes = [e.mask.numel // e.mask.shape[0] for e in entries]
-    total = sum(e.mask.numel for e in entries)
+    sizes = [e.mode_mask.numel // e.mode_mask.shape[0] for e in entries]
+    total = sum(e.mode_mask.numel for e in entries)
     while not imp.done:
         result = imp.run_iteration()
         kappa = imp.kappas[imp.iteration - 1]
-        counts = [e.mask.num_dynamic for e in entries]
+        counts = [e.mode_mask.num_dynamic for e in entries]
         assert result.num_dynamic == counts
         if granularity == "channel":  # whole channels only
             for e in entries:
-                per_channel = e.mask.mask.reshape(e.mask.shape[0], -1)
+                per_channel = e.mode_mask.mask.reshape(e.mode_mask.shape[0], -1)
                 assert (per_channel.all(1) | ~per_channel.any(1)).all()
         if scope == "layer" and granularity == "element":
-            assert counts == [round(kappa * e.mask.numel) for e in entries]
+            assert counts == [round(kappa * e.mode_mask.numel) for e in entries]
         elif scope == "layer":
             assert [c // n for c, n in zip(counts, sizes, strict=True)] == [
-                round(kappa * e.mask.shape[0]) for e in entries]
+                round(kappa * e.mode_mask.shape[0]) for e in entries]
         elif granularity == "element":
             assert sum(counts) == round(kappa * total)
         else:  # the documented rule (closest prefix of the channel ranking, checked against
@@ -66,27 +72,31 @@ def test_counts_exact_after_every_iteration(schedule, scope, granularity):
             assert abs(sum(counts) - round(kappa * total)) <= max(sizes) / 2
 
 
-def test_taylor_scores_match_a_manual_backward_and_leave_no_grads():
-    model = tiny_model(bn=False).double()
-    data = [(x.double(), y) for x, y in tiny_data(2)]
-    imp = IterativePartition(model, data, dynamic_ratio=0.5, iterations=1, num_batches=2,
-                             bn_mode="eval")
-    grads, _ = imp._pass(1, taylor=True, observe=False)
+def test_partition_leaves_no_grads_and_no_mask_override():
+    model = tiny_model(bn=False)
+    partition_model(model, tiny_data(2), dynamic_ratio=0.5, iterations=2)
     assert all(p.grad is None for p in model.parameters())
-    assert all(m.probe is None for m in model.modules() if isinstance(m, ModeMask))
+    assert all(m.mask_override is None for m in model.modules() if isinstance(m, ModeMask))
+
+
+def test_scoring_pass_mask_gradients_match_a_manual_backward():
+    model = tiny_model(bn=False).double().eval()
+    data = [(x.double(), y) for x, y in tiny_data(2)]
+    grads = scoring_pass(model, data, find_pad_weights(model), default_loss).grads
+    assert all(p.grad is None for p in model.parameters())
     pads = [m for m in model.modules() if isinstance(m, ModeMask)]
     for p in pads:
-        p.probe = p.mask.double().requires_grad_(True)
+        p.mask_override = p.mask.double().requires_grad_(True)
     for x, y in data:
         nn.functional.cross_entropy(model(x), y).backward()
     for g, p in zip(grads, pads, strict=True):
-        torch.testing.assert_close(g, p.probe.grad)
-        p.probe = None
+        torch.testing.assert_close(g, p.mask_override.grad)
+        p.mask_override = None
 
 
 def test_flips_back_to_dynamic_happen():
     model = tiny_model()
-    result = partition(model, tiny_data(), dynamic_ratio=0.2, iterations=4, score="random")
+    result = partition_model(model, tiny_data(), dynamic_ratio=0.2, iterations=4, score="random")
     assert len(result.flipped_to_dynamic) == 4 and sum(result.flipped_to_dynamic[1:]) > 0
     assert result.kappas[-1] == 0.2 and sum(result.num_dynamic) == round(0.2 * sum(result.numel))
 
@@ -97,7 +107,7 @@ def test_deterministic_given_a_seed():
     for key, score, seed in (("t0", "taylor", 0), ("t0b", "taylor", 0), ("r0", "random", 0),
                              ("r0b", "random", 0), ("r1", "random", 1)):
         model = copy.deepcopy(base).train()
-        partition(model, tiny_data(), dynamic_ratio=0.4, iterations=2, score=score, seed=seed,
+        partition_model(model, tiny_data(), dynamic_ratio=0.4, iterations=2, score=score, seed=seed,
                   bn_mode="train", static_init="mean")
         runs[key] = masks_of(model) + [model[0].static_weight.detach().clone()]
     for a, b in (("t0", "t0b"), ("r0", "r0b")):
@@ -113,7 +123,7 @@ def test_batchnorm_modes_restore_buffers_and_flags(bn_mode, training):
         model[1].running_mean.uniform_(-1, 1)
         model[1].running_var.uniform_(0.5, 2)
     before = {k: v.clone() for k, v in model.state_dict().items() if "mask" not in k}
-    result = partition(model, tiny_data(), dynamic_ratio=0.5, bn_mode=bn_mode, iterations=2)
+    result = partition_model(model, tiny_data(), dynamic_ratio=0.5, bn_mode=bn_mode, iterations=2)
     after = model.state_dict()
     for k, v in before.items():
         assert torch.equal(v, after[k]), k  # keep: no parameter or buffer changed
@@ -126,7 +136,7 @@ def test_bn_mode_changes_the_scores():
     res = {}
     for bn_mode in ("train", "eval"):
         model = tiny_model()
-        partition(model, tiny_data(), dynamic_ratio=0.5, bn_mode=bn_mode)
+        partition_model(model, tiny_data(), dynamic_ratio=0.5, bn_mode=bn_mode)
         res[bn_mode] = masks_of(model)
     assert not all(torch.equal(a, b) for a, b in zip(res["train"], res["eval"], strict=True))
 
@@ -134,27 +144,24 @@ def test_bn_mode_changes_the_scores():
 def test_static_init_mean_and_keep():
     model = tiny_model()
     stored = [e.static.detach().clone() for e in find_pad_weights(model)]
-    partition(model, tiny_data(), dynamic_ratio=0.4, static_init="keep", score="magnitude")
+    partition_model(model, tiny_data(), dynamic_ratio=0.4, static_init="keep", score="magnitude")
     assert all(torch.equal(a, e.static) for a, e in zip(stored, find_pad_weights(model),
                                                          strict=True))
     model = tiny_model()
     data = tiny_data()
     entries = find_pad_weights(model)
-    for e in entries:  # lam_d != lam_s; then the expected means, observed by hand
-        e.mask.phi.data.fill_(0.3)
-        e.mask.observing = True
-    with torch.no_grad():
+    for e in entries:  # lam_d != lam_s; then the expected means, observed through the hooks
+        e.mode_mask.phi.data.fill_(0.3)
+    with torch.no_grad(), ThetaObserver(model) as observer:
         model.eval()
         for x, _ in data:
             model(x)
-    means = [e.mask.theta_moments()[0] for e in entries]
-    for e in entries:
-        e.mask.observing = False
-        e.mask.reset_observation()
-    partition(model, data, dynamic_ratio=0.4, static_init="mean", score="variance")
+    raw = observer.raw_sums(entries, torch.device("cpu"))
+    means = [raw[3 * i] / raw[3 * i + 2] for i in range(len(entries))]
+    partition_model(model, data, dynamic_ratio=0.4, static_init="mean", score="variance")
     for e, old, mean in zip(entries, stored, means, strict=True):
-        lam_d, lam_s = (float(v.detach()) for v in e.mask.scales())
-        turned = ~e.mask.mask
+        lam_d, lam_s = (float(v.detach()) for v in e.mode_mask.scales())
+        turned = ~e.mode_mask.mask
         expected = (mean * lam_d / lam_s).float()
         torch.testing.assert_close(e.static.detach()[turned], expected[turned])
         assert torch.equal(e.static.detach()[~turned], old[~turned])
@@ -163,23 +170,23 @@ def test_static_init_mean_and_keep():
 def test_static_init_mean_skips_prune_mode():
     model = tiny_model()
     for e in find_pad_weights(model):
-        e.mask.set_scale_mode("prune")
+        e.mode_mask.set_scale_mode("prune")
     stored = [e.static.detach().clone() for e in find_pad_weights(model)]
-    partition(model, tiny_data(), dynamic_ratio=0.4, static_init="mean")
+    partition_model(model, tiny_data(), dynamic_ratio=0.4, static_init="mean")
     assert all(torch.equal(a, e.static) for a, e in zip(stored, find_pad_weights(model),
                                                          strict=True))
 
 
 def test_normalize_option_changes_global_allocation():
     a, b = tiny_model(), tiny_model()
-    partition(a, tiny_data(), dynamic_ratio=0.3, score="magnitude")
-    partition(b, tiny_data(), dynamic_ratio=0.3, score="magnitude", normalize=True)
+    partition_model(a, tiny_data(), dynamic_ratio=0.3, score="magnitude")
+    partition_model(b, tiny_data(), dynamic_ratio=0.3, score="magnitude", normalize=True)
     assert sum(m.sum() for m in masks_of(a)) == sum(m.sum() for m in masks_of(b))
     assert not all(torch.equal(x, y) for x, y in zip(masks_of(a), masks_of(b), strict=True))
 
 
-class FakeMoE(nn.Module):
-    """The MoE attribute layout (pad1/w1/w1_static, pad2/...) with a trivial forward."""
+class FakeMoE(PadLayer):
+    """A minimal PAD layer with two PAD weights (equal mixing of 3 factors), not an MoE."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -187,15 +194,19 @@ class FakeMoE(nn.Module):
         self.w1_static = nn.Parameter(torch.randn(4, 2))
         self.w2 = nn.Parameter(torch.randn(3, 2, 4))
         self.w2_static = nn.Parameter(torch.randn(2, 4))
-        self.pad1, self.pad2 = ModeMask((4, 2), 3), ModeMask((2, 4), 3)
+        self.mode_mask1, self.mode_mask2 = ModeMask((4, 2), 3), ModeMask((2, 4), 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w1 = self.pad1.combine(self.w1.mean(0), self.w1_static)
-        w2 = self.pad2.combine(self.w2.mean(0), self.w2_static)
+        w1 = self.mode_mask1.combine(self.w1.mean(0), self.w1_static)
+        w2 = self.mode_mask2.combine(self.w2.mean(0), self.w2_static)
         return torch.relu(x @ w1.T) @ w2.T
 
+    def pad_weights(self) -> list[PadWeight]:
+        return [PadWeight("pad1", self.mode_mask1, self.w1, self.w1_static),
+                PadWeight("pad2", self.mode_mask2, self.w2, self.w2_static)]
 
-def test_moe_attributes_dict_batches_and_loss_fn():
+
+def test_a_custom_pad_layer_with_dict_batches_and_loss_fn():
     model = FakeMoE()
     names = [(e.name, e.dynamic is model.w1 or e.dynamic is model.w2) for e in
              find_pad_weights(model)]
@@ -205,7 +216,7 @@ def test_moe_attributes_dict_batches_and_loss_fn():
         return (m(batch["x"]) - batch["y"]).square().mean()
 
     data = [{"x": torch.randn(5, 2), "y": torch.randn(5, 2)} for _ in range(2)]
-    result = partition(model, data, dynamic_ratio=0.5, loss_fn=loss_fn, granularity="channel",
+    result = partition_model(model, data, dynamic_ratio=0.5, loss_fn=loss_fn, granularity="channel",
                        scope="layer")
     assert result.num_dynamic == [4, 4] and result.layers == ["pad1", "pad2"]
 
@@ -227,10 +238,10 @@ class DictOutput(nn.Module):
 
 def test_dict_batches_use_the_model_loss():
     batch = {"x": torch.randn(5, 2), "labels": torch.randint(0, 2, (5,))}
-    result = partition(DictOutput(), [batch], dynamic_ratio=0.5)
+    result = partition_model(DictOutput(), [batch], dynamic_ratio=0.5)
     assert result.num_dynamic == [4, 4]
     with pytest.raises(ValueError, match="returned no loss: put the labels in the batch"):
-        partition(DictOutput(), [{"x": torch.randn(5, 2)}], dynamic_ratio=0.5)
+        partition_model(DictOutput(), [{"x": torch.randn(5, 2)}], dynamic_ratio=0.5)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -240,7 +251,7 @@ def test_dict_batches_use_the_model_loss():
     ({"data": iter([])}, ValueError, "data is empty"),
     ({"data": (b for b in [])}, ValueError, "data is empty"),
     ({"data": None}, ValueError, "data must be an iterable of batches"),
-    ({"model": nn.Linear(2, 2)}, ValueError, r"no PAD layers .*call padnet.dynamize"),
+    ({"model": nn.Linear(2, 2)}, ValueError, r"no PAD layers: call padnet.dynamize"),
     ({"scope": "net"}, ValueError, r"scope must be one of \('global', 'layer'\), got 'net'"),
     ({"granularity": "row"}, ValueError, r"granularity must be one of \('element', 'channel'\)"),
     ({"score": "hessian"}, ValueError, r"score must be one of \('taylor', 'variance', "),
@@ -248,19 +259,19 @@ def test_dict_batches_use_the_model_loss():
     ({"bn_mode": "frozen"}, ValueError, r"bn_mode must be one of \('eval', 'train'\)"),
     ({"schedule": "cosine"}, ValueError, r"schedule must be one of"),
     ({"iterations": 0}, ValueError, "iterations must be an int >= 1, got 0"),
-    ({"num_batches": 0}, ValueError, "num_batches must be None or an int >= 1, got 0"),
+    ({"num_batches": 0}, ValueError, "num_batches must be an int >= 1, got 0"),
     ({"data": [torch.randn(2, 2, 6, 6)]}, TypeError, "no default loss for a batch of type"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, error, match):
     args = {"model": tiny_model(), "data": tiny_data(1), "dynamic_ratio": 0.5, **kwargs}
     with pytest.raises(error, match=match):
-        partition(args.pop("model"), args.pop("data"), **args)
+        partition_model(args.pop("model"), args.pop("data"), **args)
 
 
 def test_non_finite_loss_and_bad_step_window():
     model = tiny_model()
     with pytest.raises(ValueError, match="non-finite scoring loss"):
-        partition(model, [(torch.full((2, 2, 6, 6), float("nan")), torch.zeros(2).long())],
+        partition_model(model, [(torch.full((2, 2, 6, 6), float("nan")), torch.zeros(2).long())],
                   dynamic_ratio=0.5)
     with pytest.raises(ValueError, match="end_step must be >= start_step=3, got 2"):
         IterativePartition(model, tiny_data(1), dynamic_ratio=0.5, start_step=3, end_step=2)
@@ -272,8 +283,8 @@ def test_real_moe_layer_is_partitioned_through_its_masks():
     torch.manual_seed(0)
     moe = MoE(8, 12, num_experts=4, top_k=2)
     data = [torch.randn(10, 8) for _ in range(2)]
-    result = partition(moe, data, dynamic_ratio=0.3, iterations=2,
+    result = partition_model(moe, data, dynamic_ratio=0.3, iterations=2,
                        loss_fn=lambda m, x: m(x).square().mean())
-    assert result.layers == ["pad1", "pad2"]
+    assert result.layers == ["w1", "w2"]
     assert sum(result.num_dynamic) == round(0.3 * 2 * 96)
     assert all(p.grad is None for p in moe.parameters())

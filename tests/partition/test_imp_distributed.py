@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from padnet.layers import DynamicConv2d, ModeMask
-from padnet.partition import partition
+from padnet.partition import partition_model
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -47,7 +47,7 @@ def worker(rank: int, world: int, port: int, path: str) -> None:
         for score, static_init, granularity in RUNS:
             model, data = model_and_data()
             ddp = nn.parallel.DistributedDataParallel(model)  # unwrapped by partition
-            partition(ddp, data[rank::world], dynamic_ratio=0.4, iterations=2, score=score,
+            partition_model(ddp, data[rank::world], dynamic_ratio=0.4, iterations=2, score=score,
                       static_init=static_init, granularity=granularity)
             results.append(final_state(model))
         torch.save(results, f"{path}/rank{rank}.pt")
@@ -67,7 +67,7 @@ def test_two_ranks_match_a_single_process_on_the_union(tmp_path, one_thread):
     for i, (score, static_init, granularity) in enumerate(RUNS):
         model, data = model_and_data()
         # the union, in the order the ranks' sums add up: rank 0's batches, then rank 1's
-        partition(model, data[0::2] + data[1::2], dynamic_ratio=0.4, iterations=2,
+        partition_model(model, data[0::2] + data[1::2], dynamic_ratio=0.4, iterations=2,
                   score=score, static_init=static_init, granularity=granularity)
         single = final_state(model)
         for a, b, c in zip(ranks[0][i], ranks[1][i], single, strict=True):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from padnet.layers import DynamicConv2d
-from padnet.partition import PartitionResult, layer_ratio_report, partition, plot_ratios
+from padnet.partition import PartitionResult, layer_ratio_report, partition_model, plot_ratios
 
 
 def model_and_data() -> tuple[nn.Module, list]:
@@ -22,7 +22,7 @@ def model_and_data() -> tuple[nn.Module, list]:
 
 def test_result_table_dict_and_model_report_agree():
     model, data = model_and_data()
-    result = partition(model, data, dynamic_ratio=0.25, iterations=2, scope="layer")
+    result = partition_model(model, data, dynamic_ratio=0.25, iterations=2, scope="layer")
     assert isinstance(result, PartitionResult)
     assert result.layers == ["1", "2.0"] and result.numel == [108, 8]
     assert result.num_dynamic == [27, 2] and result.dynamic_ratios == [0.25, 0.25]
@@ -46,7 +46,7 @@ def test_result_table_dict_and_model_report_agree():
 def test_plot_ratios_writes_a_file(tmp_path):
     pytest.importorskip("matplotlib")
     model, data = model_and_data()
-    result = partition(model, data, dynamic_ratio=0.5)
+    result = partition_model(model, data, dynamic_ratio=0.5)
     for source, name in ((result, "result.png"), (model, "model.svg")):
         path = plot_ratios(source, tmp_path / name, title="test")
         assert path.is_file() and path.stat().st_size > 1000

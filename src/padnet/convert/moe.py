@@ -1,4 +1,5 @@
-"""Turn the feed-forward blocks of a model into (PAD-)MoE layers, in place (PADNET.md §2b, §2c).
+"""Turn the feed-forward blocks of a model into (PAD-)MoE layers, in place (docs/method.md §2.2,
+§3).
 
 FFN blocks found by walking the module tree, in module order:
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from padnet.convert.methods import register_method
 from padnet.convert.report import ConversionEntry, ConversionReport
 from padnet.layers.moe import MoE
 
@@ -209,8 +211,7 @@ def dynamize_moe(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     init: str = "copy",
-    noise_std: float = 0.0,
-    router_noise_std: float | None = None,
+    copy_noise_std: float = 0.0,
     padding_from_attention_mask: bool = True,
     **moe_kwargs,
 ) -> ConversionReport:
@@ -224,12 +225,12 @@ def dynamize_moe(
         include, exclude: fnmatch patterns on the blocks' qualified names (the MoE's name, e.g.
             ``bert.encoder.layer.3.intermediate``, or the BERT layer's, ``bert.encoder.layer.3``).
         init: ``'copy'`` (upcycling, function-preserving, checked), ``'copy_noise'`` (plus
-            relative noise ``noise_std`` on the expert copies) or ``'kaiming'`` (random).
-        router_noise_std: passed as the MoE's ``noise_std`` (router noise in training).
+            relative noise ``copy_noise_std`` on the expert copies) or ``'kaiming'`` (random).
         padding_from_attention_mask: for BERT blocks, hook the model's ``attention_mask`` in as
             the MoE padding mask.
         **moe_kwargs: passed to :class:`MoE` (``dynamic_ratio``, ``scale_mode``,
-            ``capacity_factor``, ``router_noise``, ``load_balance_coef``, ``activation``...).
+            ``capacity_factor``, ``router_noise``, ``router_noise_std``, ``load_balance_coef``,
+            ``activation``...).
     Returns:
         The :class:`ConversionReport` (converted blocks, and skipped ones with the reason).
     Raises:
@@ -240,8 +241,6 @@ def dynamize_moe(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     inc = [include] if isinstance(include, str) else None if include is None else list(include)
     exc = [exclude] if isinstance(exclude, str) else None if exclude is None else list(exclude)
-    if router_noise_std is not None:
-        moe_kwargs["noise_std"] = router_noise_std
     blocks = find_ffn_blocks(model)
     if not blocks:
         raise ValueError(
@@ -267,7 +266,7 @@ def dynamize_moe(
         if reason:
             report.skipped.append(ConversionEntry(block.name, before, reason=reason))
             continue
-        moe = _convert(model, block, num_experts, top_k, init, noise_std, moe_kwargs)
+        moe = _convert(model, block, num_experts, top_k, init, copy_noise_std, moe_kwargs)
         if block.kind == "bert":
             converted_bert.append(moe)
         report.converted.append(ConversionEntry(block.name, before, type(moe).__name__))
@@ -278,7 +277,7 @@ def dynamize_moe(
 
 def _convert(
     model: nn.Module, block: FFNBlock, num_experts: int, top_k: int, init: str,
-    noise_std: float, moe_kwargs: dict,
+    copy_noise_std: float, moe_kwargs: dict,
 ) -> MoE:
     kwargs = dict(moe_kwargs)
     activation = kwargs.pop("activation", block.activation)
@@ -293,8 +292,9 @@ def _convert(
             f"place; use padnet.layers.moe.MoE.from_dense"
         )
     moe = MoE.from_dense(block.fc1, block.fc2, activation, num_experts=num_experts,
-                         top_k=top_k, init=init, noise_std=noise_std, **kwargs)
-    lam_s_zero = moe.pad1.scale_mode == "prune" and moe.pad1.num_dynamic < moe.pad1.numel
+                         top_k=top_k, init=init, copy_noise_std=copy_noise_std, **kwargs)
+    m1 = moe.mode_mask1
+    lam_s_zero = m1.scale_mode == "prune" and m1.num_dynamic < m1.numel
     if init == "copy" and not lam_s_zero:
         _check_preserved(block, moe, _dense_fn(block))
     if block.kind == "bert":
@@ -305,3 +305,7 @@ def _convert(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, moe)
     return moe
+
+
+register_method("moe", dynamize_moe, target="ffn",
+                description="mixture of experts upcycled from feed-forward blocks")

@@ -1,7 +1,7 @@
 """``padnet.stats``: stored parameters of a (partially) dynamic model, per layer and in total.
 
 For a PAD weight with K dynamic factors of N positions each and dynamic ratio kappa, deployment
-stores the dynamic values at dynamic positions and one static value elsewhere (PADNET.md §4)::
+stores the dynamic values at dynamic positions and one static value elsewhere (docs/method.md §5)::
 
     stored = K * kappa * N + (1 - kappa) * N      (fully dynamic: K * N; static: N)
 
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from padnet.layers.pad import ModeMask
+from padnet.layers.protocol import find_pad_layers, qualified_name
 
 __all__ = ["LayerStats", "ModelStats", "stats"]
 
@@ -128,22 +128,19 @@ class ModelStats:
 def stats(model: nn.Module) -> ModelStats:
     """Count stored parameters of ``model`` per PAD weight and in total.
 
-    Every :class:`ModeMask` is one PAD weight; the layer owning it is expected to hold exactly
-    ``K * N`` dynamic and ``N`` static weight values for it (all padnet layers do). Print the
-    result for a table, or call ``.to_dict()``.
+    The PAD weights are those the model's PAD layers report (:func:`find_pad_layers`); each
+    holds ``K * N`` dynamic and ``N`` static values. Print the result for a table, or call
+    ``.to_dict()``.
     """
     result = ModelStats()
     pad_weight_params = 0
-    for owner_name, owner in model.named_modules():
-        for attr, child in owner.named_children():
-            if not isinstance(child, ModeMask):
-                continue
-            name = owner_name if attr == "pad" else f"{owner_name}.{attr}".lstrip(".")
-            result.layers.append(LayerStats(
-                name or type(owner).__name__, type(owner).__name__, child.num_factors,
-                child.numel, child.num_dynamic,
-            ))
-            pad_weight_params += (child.num_factors + 1) * child.numel
+    for layer_name, layer in find_pad_layers(model):
+        for w in layer.pad_weights():
+            name = qualified_name(layer_name, layer, w.name)
+            mask = w.mode_mask
+            result.layers.append(LayerStats(name, type(layer).__name__, w.num_factors,
+                                            mask.numel, mask.num_dynamic))
+            pad_weight_params += w.dynamic.numel() + w.static.numel()
     total = sum(p.numel() for p in model.parameters())
     result.other_params = total - pad_weight_params
     return result

@@ -1,10 +1,20 @@
-"""Neural network layers: PAD mechanism, dynamic convolutions, routers."""
+"""Neural network layers: the PAD mechanism and protocol, dynamic convolutions, MoE, routers."""
 
-from padnet.layers.aux import aux_loss
-from padnet.layers.dynamic_conv import DynamicConv2d, PerSampleConv2d
-from padnet.layers.moe import MoE
+from padnet.layers.auxiliary import aux_loss, aux_losses
+from padnet.layers.dynamic_conv import DynamicConv2d
+from padnet.layers.moe import MoE, MoERouting
 from padnet.layers.odconv import ODConv2d
-from padnet.layers.pad import SCALE_MODES, ModeMask, mask_from_scores, pad_modules, set_scale_mode
+from padnet.layers.pad import SCALE_MODE_ALIASES, SCALE_MODES, ModeMask, mask_from_scores
+from padnet.layers.pad_conv import INITS, PadConv2d
+from padnet.layers.protocol import (
+    PadLayer,
+    PadWeight,
+    ThetaTerms,
+    find_pad_layers,
+    find_pad_weights,
+    mode_masks,
+    set_scale_mode,
+)
 from padnet.layers.routing import (
     ConvRouter,
     ODAttention,
@@ -14,18 +24,27 @@ from padnet.layers.routing import (
 )
 
 __all__ = [
+    "INITS",
     "SCALE_MODES",
+    "SCALE_MODE_ALIASES",
     "ConvRouter",
     "DynamicConv2d",
     "MoE",
+    "MoERouting",
     "ModeMask",
     "ODAttention",
     "ODConv2d",
     "ODConvRouter",
-    "PerSampleConv2d",
+    "PadConv2d",
+    "PadLayer",
+    "PadWeight",
+    "ThetaTerms",
     "aux_loss",
+    "aux_losses",
+    "find_pad_layers",
+    "find_pad_weights",
     "mask_from_scores",
-    "pad_modules",
+    "mode_masks",
     "set_scale_mode",
     "set_temperature",
     "temperature_schedule",

@@ -1,4 +1,4 @@
-"""Token-level mixture of experts with partially dynamic experts (PAD-MoE, PADNET.md §2b).
+"""Token-level mixture of experts with partially dynamic experts (PAD-MoE, docs/method.md §2.2).
 
 Each token goes through its top-k experts, two-matrix FFNs ``act(x W1_e^T + b1_e) W2_e^T + b2_e``
 whose outputs are summed weighted by the gates. Expert weights are 3-D tensors. PAD: per expert
@@ -10,12 +10,13 @@ Execution: routing in :mod:`padnet.ops.routing`, sort-by-expert dispatch and gro
 :mod:`padnet.ops.dispatch`. The static part is added one of two ways (same result):
 
 * ``'fold'``: inside the grouped loop, each expert's effective weight ``f * W_e + S`` is folded
-  just before its matmul (``f = lam_d * M`` from ``pad.dynamic``, ``S = pad.static(W_s)``): one
+  just before its matmul (``f = lam_d * M`` and ``S = lam_s (1 - M) W_s``, from
+  :meth:`ModeMask.affine_terms <padnet.layers.pad.ModeMask.affine_terms>`): one
   weight-sized temporary per expert, never an ``(E, out, in)`` tensor;
 * ``'shared'``: treat ``S`` as a shared expert, per matrix: ``x S1^T`` is computed once for all
   tokens and added to every routed pre-activation, and since the second matrix is linear,
-  ``sum_e g_e h_e S2^T = (sum_e g_e h_e) S2^T`` is one more dense matmul (PADNET.md §2b's
-  formulation; slower than folding on CPU, kept as an option and a cross-check).
+  ``sum_e g_e h_e S2^T = (sum_e g_e h_e) S2^T`` is one more dense matmul
+  (docs/method.md §2.2; slower than folding on CPU, kept as an option and a cross-check).
 
 Where the mask is all ones the static part is skipped entirely and ``lam_d`` scales the matmul
 outputs instead of the weights; where static positions are zero (scale mode ``prune``) the static
@@ -24,49 +25,39 @@ part is skipped too.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
-from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from padnet.layers.activations import ACTIVATIONS, resolve_activation
 from padnet.layers.pad import ModeMask
+from padnet.layers.pad_conv import INITS
+from padnet.layers.protocol import PadLayer, PadWeight, ThetaTerms
 from padnet.ops import dispatch as dsp
 from padnet.ops import routing as rt
+from padnet.utils.checks import check_choice, check_int, check_number, check_optional
 
-__all__ = ["ACTIVATIONS", "MoE", "STATIC_PATHS"]
+__all__ = ["ACTIVATIONS", "MoE", "MoERouting", "STATIC_PATHS"]
 
-#: Activations by name; ``gelu`` is the exact (erf) GELU of PyTorch and Hugging Face BERT.
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_tanh": partial(F.gelu, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-}
 #: How the static part of PAD experts is computed.
 STATIC_PATHS = ("auto", "fold", "shared")
-INITS = ("copy", "copy_noise", "kaiming")
 _PATHS = ("auto", *dsp.GROUPED_PATHS)
 
 
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+class MoERouting(NamedTuple):
+    """The routing of one forward over N tokens (what :meth:`MoE.emit_routing` hands to hooks)."""
+
+    gates: Tensor  # (N, k) gate of each kept slot
+    experts: Tensor  # (N, k) expert index of each slot
+    keep: Tensor | None  # (N, k) bool, slots within capacity; None when dropless
+    valid: Tensor | None  # (N,) bool, real (non-padding) tokens; None when all are
 
 
-def _non_negative(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    return float(value)
-
-
-class MoE(nn.Module):
+class MoE(PadLayer):
     """Mixture of ``num_experts`` FFN experts ``hidden -> intermediate -> hidden``, top-k routed.
 
     Args:
@@ -78,10 +69,11 @@ class MoE(nn.Module):
         capacity_factor: None (dropless, default) or > 0: each expert keeps at most
             ``ceil(capacity_factor * tokens * top_k / E)`` assignments (see
             :func:`padnet.ops.routing.capacity_keep`); a token that loses all its experts gets 0.
-        router_noise: None, ``'jitter'`` (input times U(1 - noise_std, 1 + noise_std)) or
-            ``'gaussian'`` (logits plus N(0, noise_std^2)); training mode only.
+        router_noise: None, ``'jitter'`` (router input times U(1 - s, 1 + s)) or ``'gaussian'``
+            (logits plus N(0, s^2)), with ``s = router_noise_std``; training mode only.
         load_balance_coef, z_loss_coef: weights of the auxiliary losses in ``aux_loss``.
-        dynamic_ratio, scale_mode: PAD mode masks ``pad1``, ``pad2`` (see ``ModeMask``).
+        dynamic_ratio, scale_mode: of the mode masks ``mode_mask1``, ``mode_mask2`` (of ``w1``
+            and ``w2``; see :class:`~padnet.layers.pad.ModeMask`).
         path: grouped matmul, ``'auto'`` (= ``'loop'``), ``'loop'`` or ``'bmm'`` (padded
             batched matmuls; slower on CPU in ``benchmarks/moe_layer.py``).
         static_path: ``'auto'`` (= ``'fold'``), ``'fold'`` or ``'shared'`` (module docstring).
@@ -102,7 +94,7 @@ class MoE(nn.Module):
         bias: bool = True,
         capacity_factor: float | None = None,
         router_noise: str | None = None,
-        noise_std: float = 0.01,
+        router_noise_std: float = 0.01,
         load_balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
         dynamic_ratio: float = 1.0,
@@ -113,26 +105,21 @@ class MoE(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        h = _positive_int(hidden_size, "hidden_size")
-        i = _positive_int(intermediate_size, "intermediate_size")
+        h = check_int(hidden_size, "hidden_size", 1)
+        i = check_int(intermediate_size, "intermediate_size", 1)
         rt.check_routing_args(num_experts, top_k, capacity_factor)
-        if router_noise is not None and router_noise not in rt.NOISE_TYPES:
-            raise ValueError(
-                f"router_noise must be one of {rt.NOISE_TYPES} or None, got {router_noise!r}"
-            )
-        if path not in _PATHS:
-            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
-        if static_path not in STATIC_PATHS:
-            raise ValueError(f"static_path must be one of {STATIC_PATHS}, got {static_path!r}")
+        check_optional(router_noise, check_choice, "router_noise", rt.NOISE_TYPES)
+        check_choice(path, "path", _PATHS)
+        check_choice(static_path, "static_path", STATIC_PATHS)
         self.hidden_size, self.intermediate_size = h, i
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor = capacity_factor
         self.router_noise = router_noise
-        self.noise_std = _non_negative(noise_std, "noise_std")
-        self.load_balance_coef = _non_negative(load_balance_coef, "load_balance_coef")
-        self.z_loss_coef = _non_negative(z_loss_coef, "z_loss_coef")
+        self.router_noise_std = check_number(router_noise_std, "router_noise_std", minimum=0)
+        self.load_balance_coef = check_number(load_balance_coef, "load_balance_coef", minimum=0)
+        self.z_loss_coef = check_number(z_loss_coef, "z_loss_coef", minimum=0)
         self.path, self.static_path = path, static_path
-        self._set_activation(activation)
+        self.activation_name, self.act = resolve_activation(activation)  # a Module: a child
 
         kw = {"device": device, "dtype": dtype}
         e = num_experts
@@ -144,31 +131,14 @@ class MoE(nn.Module):
         self.w1_static = nn.Parameter(torch.empty(i, h, **kw))
         self.w2_static = nn.Parameter(torch.empty(h, i, **kw))
         pad_kw = {"dynamic_ratio": dynamic_ratio, "scale_mode": scale_mode, **kw}
-        self.pad1 = ModeMask((i, h), e, **pad_kw)
-        self.pad2 = ModeMask((h, i), e, **pad_kw)
+        self.mode_mask1 = ModeMask((i, h), e, **pad_kw)
+        self.mode_mask2 = ModeMask((h, i), e, **pad_kw)
         #: padding mask used when ``forward`` gets none and its shape matches ``x.shape[:-1]``
         #: (set by the BERT converter's hook from the model's ``attention_mask``).
         self.padding_mask_hint: Tensor | None = None
         self.aux_loss: Tensor | None = None
         self.aux_terms: dict[str, Tensor] = {}
         self.reset_parameters()
-
-    def _set_activation(self, activation: str | Callable[[Tensor], Tensor]) -> None:
-        if isinstance(activation, str):
-            if activation not in ACTIVATIONS:
-                raise ValueError(
-                    f"activation must be one of {tuple(ACTIVATIONS)} or a callable, "
-                    f"got {activation!r}"
-                )
-            self.activation_name, self.act = activation, ACTIVATIONS[activation]
-        elif callable(activation):
-            if isinstance(activation, nn.Module) and getattr(activation, "inplace", False):
-                activation = copy.copy(activation)  # the backward needs the pre-activations
-                activation.inplace = False
-            self.activation_name = type(activation).__name__
-            self.act = activation  # an nn.Module becomes a child module
-        else:
-            raise TypeError(f"activation must be a string or a callable, got {activation!r}")
 
     # ---- initialisation ------------------------------------------------------------------
     @torch.no_grad()
@@ -189,21 +159,21 @@ class MoE(nn.Module):
         w2: Tensor,
         b2: Tensor | None,
         *,
-        noise_std: float = 0.0,
+        copy_noise_std: float = 0.0,
     ) -> None:
         """Upcycle a dense FFN: ``W_s = W_e = W`` and ``b_e = b`` for every expert.
 
         ``w1`` ``(intermediate, hidden)``, ``w2`` ``(hidden, intermediate)``, biases or None
-        (zeros). ``noise_std`` adds Gaussian noise of that std, relative to each weight's std, to
-        every expert copy (then the layer is no longer exactly the dense FFN).
+        (zeros). ``copy_noise_std`` adds Gaussian noise of that std, relative to each weight's
+        std, to every expert copy (then the layer is no longer exactly the dense FFN).
         """
         for dst, src, static in ((self.w1, w1, self.w1_static), (self.w2, w2, self.w2_static)):
             if tuple(src.shape) != tuple(static.shape):
                 raise ValueError(f"dense weight shape {tuple(src.shape)} != {tuple(static.shape)}")
             static.copy_(src)
             dst.copy_(src.expand_as(dst))
-            if noise_std > 0:
-                dst.add_(torch.randn_like(dst) * (noise_std * src.std()))
+            if copy_noise_std > 0:
+                dst.add_(torch.randn_like(dst) * (copy_noise_std * src.std()))
         for dst, src in ((self.b1, b1), (self.b2, b2)):
             if dst is not None:
                 dst.copy_(src.expand_as(dst) if src is not None else torch.zeros_like(dst))
@@ -218,14 +188,14 @@ class MoE(nn.Module):
         num_experts: int = 8,
         top_k: int = 2,
         init: str = "copy",
-        noise_std: float = 0.01,
+        copy_noise_std: float = 0.01,
         **kwargs,
     ) -> MoE:
         """A MoE upcycled from the dense FFN ``fc2(act(fc1(x)))`` (function-preserving for
         ``init='copy'`` and any mask, since the kept gates sum to 1). ``'copy_noise'`` adds
-        relative noise ``noise_std`` to the expert copies, ``'kaiming'`` initialises at random."""
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        relative noise ``copy_noise_std`` to the expert copies, ``'kaiming'`` initialises at
+        random."""
+        check_choice(init, "init", INITS)
         if fc1.out_features != fc2.in_features or fc2.out_features != fc1.in_features:
             raise ValueError(
                 f"not an FFN hidden -> intermediate -> hidden: fc1 {fc1.in_features}->"
@@ -239,7 +209,7 @@ class MoE(nn.Module):
         if init != "kaiming":
             moe.load_dense(
                 fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-                noise_std=noise_std if init == "copy_noise" else 0.0,
+                copy_noise_std=copy_noise_std if init == "copy_noise" else 0.0,
             )
         return moe.train(fc1.training)
 
@@ -253,6 +223,7 @@ class MoE(nn.Module):
         x2 = x.reshape(-1, self.hidden_size)  # (N, H)
         logits, gates, experts, keep = self.route(x2, valid)
         self._store_aux(logits, experts, keep, valid)
+        self.emit_routing(MoERouting(gates, experts, keep, valid))
         return self.experts_forward(x2, gates, experts, keep).view(x.shape)
 
     def _valid(self, x: Tensor, padding_mask: Tensor | None) -> Tensor | None:
@@ -273,13 +244,14 @@ class MoE(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Router of ``x`` ``(N, H)``: ``(logits (N, E) fp32, gates (N, k), experts (N, k),
         keep (N, k) bool or None when dropless)``."""
-        noisy = self.training and self.router_noise is not None and self.noise_std > 0
+        std = self.router_noise_std
+        noisy = self.training and self.router_noise is not None and std > 0
         r_in = x
         if noisy and self.router_noise == "jitter":
-            r_in = rt.add_router_noise(x, "jitter", self.noise_std)
+            r_in = rt.add_router_noise(x, "jitter", std)
         logits = rt.router_logits(r_in, self.router.weight)
         if noisy and self.router_noise == "gaussian":
-            logits = rt.add_router_noise(logits, "gaussian", self.noise_std)
+            logits = rt.add_router_noise(logits, "gaussian", std)
         gates, experts = rt.top_k_gating(logits, self.top_k)
         keep = None
         if self.capacity_factor is not None:
@@ -311,60 +283,45 @@ class MoE(nn.Module):
         Returns ``(N, H)``: ``sum_s gates[n, s] * FFN_{experts[n, s]}(x[n])`` over kept slots.
         """
         path = self.path if self.path != "auto" else "loop"
-        if self.pad1.observing or self.pad2.observing:
-            self.observe(gates, experts, keep)
         d = dsp.sort_by_expert(experts, self.num_experts, keep)
-        s1, s2 = self.pad1.has_static(), self.pad2.has_static()
+        s1, s2 = self.mode_mask1.has_static(), self.mode_mask2.has_static()
         if (s1 or s2) and self._static_mode() == "shared":
             return self._shared_forward(x, d, gates, s1, s2, path)
         xs = x.index_select(0, d.token)  # (A, H)
-        m1 = (self.w1, *self._fold_terms(self.pad1, self.w1_static, s1), self.b1)
-        m2 = (self.w2, *self._fold_terms(self.pad2, self.w2_static, s2), self.b2)
+        m1 = (self.w1, *self.mode_mask1.affine_terms(self.w1_static, s1), self.b1)
+        m2 = (self.w2, *self.mode_mask2.affine_terms(self.w2_static, s2), self.b2)
         y = dsp.grouped_ffn(xs, d, m1, m2, self.act, path=path)  # (A, H), a fresh tensor
         return dsp.combine(y, d, gates, inplace=True)
 
-    def observe(self, gates: Tensor, experts: Tensor, keep: Tensor | None = None) -> None:
-        """Report each token's fully dynamic weights ``sum_e g_e W_e`` to the mode masks (for
-        partitioning: variance score, mean static init); ``gates``/``experts`` ``(N, k)``."""
+    def pad_weights(self) -> list[PadWeight]:
+        """``w1`` and ``w2``: expert weights ``(E, *shape)``, static weights and mode masks."""
+        return [PadWeight("w1", self.mode_mask1, self.w1, self.w1_static),
+                PadWeight("w2", self.mode_mask2, self.w2, self.w2_static)]
+
+    def theta_terms(self, routing: MoERouting) -> list[ThetaTerms]:
+        """Each real token's fully dynamic weights ``sum_e g_e W_e``: coefficients ``(N', E)``
+        over the N' non-padding tokens, the same for both matrices."""
+        gates, experts, keep, valid = routing
         weights = gates if keep is None else gates * keep
         coeffs = gates.new_zeros(gates.shape[0], self.num_experts)
         coeffs.scatter_add_(1, experts, weights.to(coeffs.dtype))  # (N, E)
-        self.pad1.observe_mixture(coeffs, self.w1)
-        self.pad2.observe_mixture(coeffs, self.w2)
-
-    def pad_weights(self) -> list[tuple[ModeMask, Tensor, Tensor]]:
-        """``(mode mask, dynamic factors (E, *shape), static weight)`` of both matrices."""
-        return [(self.pad1, self.w1, self.w1_static), (self.pad2, self.w2, self.w2_static)]
-
-    @staticmethod
-    def _fold_terms(
-        pad: ModeMask, static_weight: Tensor, has_static: bool
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """``(factor, static)`` with ``W_e(eff) = factor * W_e + static``, from ``pad``.
-
-        All-dynamic mask: ``factor = lam_d`` (0-dim; None when a constant 1), no static part.
-        Otherwise ``factor = lam_d * M`` (``pad.dynamic`` of a one) and
-        ``static = lam_s (1 - M) W_s`` (None where it is exactly zero).
-        """
-        if pad.state() == "dynamic":
-            lam_d = pad.dynamic_scale()
-            return (None if lam_d is None else lam_d.to(static_weight.dtype)), None
-        factor = pad.dynamic(static_weight.new_ones(()))  # (out, in)
-        return factor, pad.static(static_weight) if has_static else None
+        if valid is not None:
+            coeffs = coeffs[valid]
+        return [ThetaTerms(coeffs=coeffs), ThetaTerms(coeffs=coeffs)]
 
     def _shared_forward(
         self, x: Tensor, d: dsp.Dispatch, gates: Tensor, s1: bool, s2: bool, path: str
     ) -> Tensor:
         """The static parts as shared experts (few tokens): ``x S1^T`` once for all tokens,
         added to every routed pre-activation; ``sum_e g_e h_e S2^T = (sum_e g_e h_e) S2^T``."""
-        w1, w2 = self.pad1.dynamic(self.w1), self.pad2.dynamic(self.w2)
+        w1, w2 = self.mode_mask1.dynamic(self.w1), self.mode_mask2.dynamic(self.w2)
         pre = dsp.grouped_linear(x.index_select(0, d.token), d, w1, self.b1, path=path)  # (A, I)
         if s1:
-            pre = pre + F.linear(x, self.pad1.static(self.w1_static)).index_select(0, d.token)
+            pre = pre + F.linear(x, self.mode_mask1.static(self.w1_static)).index_select(0, d.token)
         hid = self.act(pre)
         out = dsp.combine(dsp.grouped_linear(hid, d, w2, self.b2, path=path), d, gates)
         if s2:
-            out = out + F.linear(dsp.combine(hid, d, gates), self.pad2.static(self.w2_static))
+            out = out + F.linear(dsp.combine(hid, d, gates), self.mode_mask2.static(self.w2_static))
         return out
 
     def _static_mode(self) -> str:

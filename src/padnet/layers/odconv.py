@@ -1,4 +1,5 @@
-"""Partially dynamic omni-dimensional dynamic convolution (ODConv, Li et al., ICLR 2022).
+"""Partially dynamic omni-dimensional dynamic convolution (ODConv, Li et al., ICLR 2022;
+docs/method.md §2.1).
 
 ODConv mixes K kernels with a kernel attention and scales the result along the three other
 dimensions of the kernel: output filters, input channels and the k x k spatial positions::
@@ -15,14 +16,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from padnet.layers.dynamic_conv import PerSampleConv2d
+from padnet.layers.pad_conv import PadConv2d
+from padnet.layers.protocol import ThetaTerms
 from padnet.layers.routing import ODAttention, ODConvRouter
 from padnet.ops.conv import aggregate_weights
 
 __all__ = ["ODConv2d"]
 
 
-class ODConv2d(PerSampleConv2d):
+class ODConv2d(PadConv2d):
     """Partially dynamic ODConv. Arguments as :class:`~padnet.layers.DynamicConv2d`; the router
     has one hidden layer of width ``max(in_channels // reduction, min_hidden)`` and four heads.
 
@@ -97,8 +99,9 @@ class ODConv2d(PerSampleConv2d):
         """Fully dynamic kernels ``(B, C_out, C_in/g, kh, kw)`` before the mode mask."""
         return aggregate_weights(routing.kernel, self.weight) * self.attention_tensor(routing)
 
-    def observe(self, routing: ODAttention) -> None:
-        self.pad.observe(self.theta_hat(routing))
+    def theta_terms(self, routing: ODAttention) -> list[ThetaTerms]:
+        """The attentions scale each position differently: ``Theta_hat`` per sample."""
+        return [ThetaTerms(theta=self.theta_hat(routing))]
 
     def kernel_routing(self, routing: ODAttention) -> Tensor:
         return routing.kernel
@@ -114,10 +117,12 @@ class ODConv2d(PerSampleConv2d):
         return att.filter.view(b, c_out, 1, 1, 1) * chan * att.spatial.view(b, 1, 1, kh, kw)
 
     def sample_weights(self, routing: ODAttention) -> Tensor:
-        return self.pad.combine(self.theta_hat(routing), self.static_weight)
+        return self.mode_mask.combine(self.theta_hat(routing), self.static_weight)
 
     @torch.no_grad()
-    def init_from_dense(self, weight: Tensor, bias: Tensor | None, *, noise_std: float) -> None:
+    def init_from_dense(
+        self, weight: Tensor, bias: Tensor | None, *, copy_noise_std: float
+    ) -> None:
         """Function-preserving start from a dense kernel (see :meth:`from_conv`): the four
         attention heads are zeroed (kernel attention ``1/K``, the three sigmoid attentions 0.5)
         and the kernel copies scaled by 8; biases, which skip the attentions, are copied as
@@ -125,4 +130,4 @@ class ODConv2d(PerSampleConv2d):
         for fc in self.router.output_layers():
             nn.init.zeros_(fc.weight)
             nn.init.zeros_(fc.bias)
-        self.load_dense(weight, bias, scale=8.0, bias_scale=1.0, noise_std=noise_std)
+        self.load_dense(weight, bias, scale=8.0, bias_scale=1.0, copy_noise_std=copy_noise_std)

@@ -12,28 +12,21 @@ with ``lam_d = 2 sigmoid(phi)`` and ``lam_s = 2 - lam_d`` (``phi`` a learnable s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SCALE_MODES", "ModeMask", "check_ratio", "mask_from_scores"]
+from padnet.utils.checks import check_choice, check_int, check_ratio
 
-#: Scale-factor modes: ``both`` (default), only ``s`` learnable, only ``d`` learnable, ``none``
-#: (both fixed at 1) and ``prune`` (static positions are zero, lam_d fixed at 1).
-SCALE_MODES = ("both", "s", "d", "none", "prune")
+__all__ = ["SCALE_MODES", "SCALE_MODE_ALIASES", "ModeMask", "mask_from_scores"]
 
-
-def check_ratio(value: float, name: str = "dynamic_ratio") -> float:
-    """Return ``value`` as a float after checking it lies in [0, 1]; raise ValueError otherwise."""
-    try:
-        ratio = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= ratio <= 1.0 or math.isnan(ratio):
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return ratio
+#: Scale-factor modes: ``both`` (default), ``static_only`` (only lam_s learnable, lam_d = 1),
+#: ``dynamic_only`` (only lam_d learnable, lam_s = 1), ``none`` (both fixed at 1) and ``prune``
+#: (static positions are zero, lam_d fixed at 1). ``s`` and ``d`` are accepted as aliases.
+SCALE_MODES = ("both", "static_only", "dynamic_only", "none", "prune")
+#: Short names accepted for the scale modes.
+SCALE_MODE_ALIASES = {"s": "static_only", "d": "dynamic_only"}
 
 
 def mask_from_scores(scores: Tensor, num_dynamic: int) -> Tensor:
@@ -66,11 +59,9 @@ class ModeMask(nn.Module):
     Attributes:
         mask: boolean buffer of ``shape``; True marks a dynamic position.
         phi: learnable scalar behind the scale factors (frozen in modes ``none`` and ``prune``).
-        probe: optional float tensor used instead of ``mask`` in the forward pass, so that a
-            partitioning algorithm can read the gradient of the loss with respect to the mask.
-        observing: while True, layers report the fully dynamic weight ``Theta_hat(x)`` of every
-            sample / token they process (:meth:`observe`, :meth:`observe_mixture`); the running
-            first and second moments serve partitioning (mean static init, variance score).
+        mask_override: None, or a float tensor of ``shape`` used in place of ``mask`` by the
+            forward pass. Partitioning sets it to the mask as a float tensor that requires a
+            gradient and reads ``dL/dM`` from it (the Taylor score); it is not saved.
     """
 
     mask: Tensor
@@ -87,15 +78,12 @@ class ModeMask(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if int(num_factors) < 1:
-            raise ValueError(f"num_factors must be >= 1, got {num_factors!r}")
+        check_int(num_factors, "num_factors", 1)
         self.shape = tuple(int(s) for s in shape)
         self.num_factors = int(num_factors)
         self.register_buffer("mask", torch.ones(self.shape, dtype=torch.bool, device=device))
         self.phi = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
-        self.probe: Tensor | None = None
-        self.observing = False
-        self.reset_observation()
+        self.mask_override: Tensor | None = None
         self.scale_mode = "both"
         self.set_scale_mode(scale_mode)
         ratio = check_ratio(dynamic_ratio)
@@ -104,11 +92,11 @@ class ModeMask(nn.Module):
 
     # ---- scale factors -------------------------------------------------------------------
     def set_scale_mode(self, scale_mode: str) -> None:
-        """Switch the scale-factor mode; ``phi`` is trainable only where it is used."""
-        if scale_mode not in SCALE_MODES:
-            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
-        self.scale_mode = scale_mode
-        self.phi.requires_grad_(scale_mode in ("both", "s", "d"))
+        """Switch the scale-factor mode (a name of :data:`SCALE_MODES` or an alias); ``phi`` is
+        trainable only where it is used."""
+        scale_mode = SCALE_MODE_ALIASES.get(scale_mode, scale_mode)
+        self.scale_mode = check_choice(scale_mode, "scale_mode", SCALE_MODES)
+        self.phi.requires_grad_(scale_mode in ("both", "static_only", "dynamic_only"))
 
     def scales(self) -> tuple[Tensor, Tensor]:
         """Return ``(lam_d, lam_s)`` as 0-dim tensors (differentiable where learnable)."""
@@ -117,9 +105,9 @@ class ModeMask(nn.Module):
         learned = 2.0 * torch.sigmoid(self.phi)
         if mode == "both":
             return learned, 2.0 - learned
-        if mode == "d":
+        if mode == "dynamic_only":
             return learned, one
-        if mode == "s":
+        if mode == "static_only":
             return one, learned
         if mode == "none":
             return one, one
@@ -177,9 +165,9 @@ class ModeMask(nn.Module):
         """``'dynamic'`` (all positions dynamic), ``'static'`` (none) or ``'mixed'``.
 
         Layers use it to skip work that is exactly zero. Cached until the mask changes in place
-        (tracked by the buffer's version counter); always ``'mixed'`` while a probe is set.
+        (tracked by the buffer's version counter); always ``'mixed'`` while an override is set.
         """
-        if self.probe is not None:
+        if self.mask_override is not None:
             return "mixed"
         key = (id(self.mask), self.mask._version)
         if getattr(self, "_state_key", None) != key:
@@ -189,62 +177,18 @@ class ModeMask(nn.Module):
         return self._state
 
     def mask_as(self, like: Tensor) -> Tensor:
-        """The mask (or the probe, when set) as a float tensor of ``like``'s dtype and device."""
-        m = self.probe if self.probe is not None else self.mask
+        """The mask (or its override, when set) as a float tensor of ``like``'s dtype and
+        device."""
+        m = self.mask_override if self.mask_override is not None else self.mask
         return m.to(device=like.device, dtype=like.dtype)
-
-    # ---- observation of Theta_hat (for partitioning) -------------------------------------
-    def reset_observation(self) -> None:
-        """Forget the observed moments of ``Theta_hat``."""
-        self.theta_sum: Tensor | None = None
-        self.theta_sq_sum: Tensor | None = None
-        self.observed = 0
-
-    @torch.no_grad()
-    def _accumulate(self, total: Tensor, sq_total: Tensor, count: int) -> None:
-        total, sq_total = total.double(), sq_total.double()
-        if self.theta_sum is None:
-            self.theta_sum, self.theta_sq_sum = total, sq_total
-        else:
-            self.theta_sum += total
-            self.theta_sq_sum += sq_total
-        self.observed += int(count)
-
-    @torch.no_grad()
-    def observe(self, theta: Tensor) -> None:
-        """Record per-sample fully dynamic weights ``theta`` of shape ``(n, *shape)``."""
-        if self.observing:
-            t = theta.detach().reshape(-1, *self.shape)
-            self._accumulate(t.sum(0), t.square().sum(0), t.shape[0])
-
-    @torch.no_grad()
-    def observe_mixture(self, coeffs: Tensor, weights: Tensor) -> None:
-        """Record ``Theta_hat = sum_k coeffs[:, k] * weights[k]`` for n samples or tokens.
-
-        ``coeffs (n, K)``, ``weights (K, *shape)``. The moments are formed from ``C^T C``
-        (``K x K``), so nothing of size ``n * N`` is materialised.
-        """
-        if not self.observing:
-            return
-        c = coeffs.detach().double().reshape(-1, self.num_factors)
-        w = weights.detach().double().reshape(self.num_factors, -1)  # (K, N)
-        total = (c.sum(0) @ w).view(self.shape)
-        gram = c.T @ c  # (K, K)
-        sq_total = ((gram @ w) * w).sum(0).view(self.shape)  # sum_kl G_kl W_k W_l
-        self._accumulate(total, sq_total, c.shape[0])
-
-    def theta_moments(self) -> tuple[Tensor, Tensor]:
-        """Mean and variance of the observed ``Theta_hat`` per position (float64)."""
-        if not self.observed:
-            raise RuntimeError("no Theta_hat observed: run forward passes with observing=True")
-        mean = self.theta_sum / self.observed
-        return mean, (self.theta_sq_sum / self.observed - mean.square()).clamp_min(0.0)
 
     # ---- folding -------------------------------------------------------------------------
     def dynamic_scale(self) -> Tensor | None:
-        """``lam_d`` as a 0-dim tensor, or None where it is the constant 1 (modes ``s``,
-        ``none``, ``prune``) and multiplying by it is wasted work."""
-        return None if self.scale_mode in ("s", "none", "prune") else self.scales()[0]
+        """``lam_d`` as a 0-dim tensor, or None where it is the constant 1 (modes
+        ``static_only``, ``none``, ``prune``) and multiplying by it is wasted work."""
+        if self.scale_mode in ("static_only", "none", "prune"):
+            return None
+        return self.scales()[0]
 
     def has_static(self) -> bool:
         """False where ``lam_s * (1 - M) * W_s`` is exactly zero: an all-dynamic mask, or scale
@@ -274,6 +218,22 @@ class ModeMask(nn.Module):
             return self.dynamic(theta_hat)
         return self.dynamic(theta_hat) + self.static(static_weight)
 
+    def affine_terms(
+        self, static_weight: Tensor, has_static: bool | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``(factor, static)`` with ``W(eff) = factor * W_k + static`` for every factor ``W_k``.
+
+        All-dynamic mask: ``factor = lam_d`` (0-dim; None when a constant 1), no static part.
+        Otherwise ``factor = lam_d * M`` (shape of the mask) and ``static = lam_s (1 - M) W_s``
+        (None where it is exactly zero, see :meth:`has_static`).
+        """
+        if self.state() == "dynamic":
+            lam_d = self.dynamic_scale()
+            return (None if lam_d is None else lam_d.to(static_weight.dtype)), None
+        has_static = self.has_static() if has_static is None else has_static
+        factor = self.dynamic(static_weight.new_ones(()))  # (out, in)
+        return factor, self.static(static_weight) if has_static else None
+
     def extra_repr(self) -> str:
         return (
             f"shape={self.shape}, num_factors={self.num_factors}, "
@@ -287,20 +247,3 @@ class ModeMask(nn.Module):
             state_dict[key] = state_dict[key] != 0
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-
-def pad_modules(model: nn.Module) -> list[tuple[str, ModeMask]]:
-    """All ``(qualified name, ModeMask)`` pairs of a model, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, ModeMask)]
-
-
-def set_scale_mode(model: nn.Module, scale_mode: str) -> int:
-    """Set the scale-factor mode of every PAD weight in ``model``; returns how many changed."""
-    if scale_mode not in SCALE_MODES:
-        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
-    mods = pad_modules(model)
-    for _, m in mods:
-        m.set_scale_mode(scale_mode)
-    return len(mods)
-
-
-__all__ += ["pad_modules", "set_scale_mode"]

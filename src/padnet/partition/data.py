@@ -1,7 +1,7 @@
-"""What IMP scores on: the PAD weights of a model, its scoring batches and the scoring context.
+"""What IMP scores on: its scoring batches, the task loss and the scoring context.
 
-* :func:`find_pad_weights`: every ModeMask with its dynamic factors and static weight.
-* :func:`default_loss`, :func:`to_device`, :class:`BatchSource`: batches and the task loss.
+* :func:`default_loss`, :func:`check_loss`, :func:`to_device`, :class:`BatchSource`: batches and
+  the task loss.
 * :func:`scoring_context`: train/eval mode, normalisation buffers and RNG of a scoring pass,
   all restored afterwards.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,51 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from padnet.layers.pad import ModeMask, pad_modules
-from padnet.partition.report import pad_weight_name
-
-__all__ = ["BatchSource", "PadWeight", "default_loss", "find_pad_weights", "scoring_context",
-           "to_device"]
-
-#: Attribute triples (mask, dynamic factors, static weight) recognised on layers without a
-#: ``pad_weights()`` method (MoE: ``pad1``/``w1``/``w1_static`` and ``pad2``/...).
-_PAD_ATTRS = (("pad", "weight", "static_weight"), ("pad1", "w1", "w1_static"),
-              ("pad2", "w2", "w2_static"))
-
-
-# ---- PAD weights ----------------------------------------------------------------------------
-@dataclass
-class PadWeight:
-    """One PAD weight: its ModeMask, dynamic factors ``(K, *shape)`` and static weight ``(shape)``
-    (None where the owning layer does not expose them)."""
-
-    name: str
-    mask: ModeMask
-    dynamic: Tensor | None
-    static: Tensor | None
-
-
-def find_pad_weights(model: nn.Module) -> list[PadWeight]:
-    """Every ModeMask of ``model`` (module order) with its weights, found through the owner's
-    ``pad_weights() -> [(mask, dynamic, static)]`` or the attribute triples of ``_PAD_ATTRS``."""
-    owners: dict[int, tuple[Tensor | None, Tensor | None]] = {}
-    for module in model.modules():
-        fn = getattr(module, "pad_weights", None)
-        triples = fn() if callable(fn) else [
-            (getattr(module, a, None), getattr(module, w, None), getattr(module, s, None))
-            for a, w, s in _PAD_ATTRS]
-        for mask, dyn, static in triples:
-            if isinstance(mask, ModeMask) and id(mask) not in owners:
-                if dyn is not None and tuple(dyn.shape[1:]) != mask.shape:
-                    raise ValueError(f"dynamic factors {tuple(dyn.shape)} do not match mask "
-                                     f"{mask.shape} in {type(module).__name__}")
-                if static is not None and tuple(static.shape) != mask.shape:
-                    raise ValueError(f"static weight {tuple(static.shape)} does not match mask "
-                                     f"{mask.shape} in {type(module).__name__}")
-                owners[id(mask)] = (dyn, static)
-    return [PadWeight(pad_weight_name(name, model), m, *owners.get(id(m), (None, None)))
-            for name, m in pad_modules(model)]
-
+__all__ = ["BatchSource", "check_loss", "default_loss", "scoring_context", "to_device"]
 
 # ---- data -----------------------------------------------------------------------------------
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -96,6 +51,17 @@ def default_loss(model: nn.Module, batch: Any) -> Tensor:
         return F.cross_entropy(logits, batch[1])
     raise TypeError(f"no default loss for a batch of type {type(batch).__name__}: pass "
                     "loss_fn(model, batch) -> scalar Tensor")
+
+
+def check_loss(loss: Any) -> Tensor:
+    """``loss`` if it is a finite scalar tensor; a clear error otherwise."""
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise TypeError(f"the scoring loss must be a scalar tensor, got {got}: loss_fn takes "
+                        "(model, batch) and returns the loss")
+    if not torch.isfinite(loss.detach()):
+        raise ValueError(f"non-finite scoring loss {float(loss.detach()):g}")
+    return loss
 
 
 class BatchSource:

@@ -1,7 +1,7 @@
-"""Iterative Mode Partition (IMP, PADNET.md §3): score every mask position on a few batches,
+"""Iterative Mode Partition (IMP, docs/method.md §4): score every mask position on a few batches,
 keep the best ``round(kappa_t * N)`` dynamic, repeat for t = 1..T with a falling kappa_t.
 
-* :func:`partition`: one shot; all T iterations on the model as it is, over the same batches.
+* :func:`partition_model`: one shot; all T iterations on the model as it is, over the same batches.
 * :class:`IterativePartition`: interleaved with training; the loop calls its ``step()`` once
   per training step and iteration t runs at its scheduled step (see
   :mod:`padnet.partition.schedule`), so the network trains between iterations.
@@ -19,46 +19,29 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from padnet.layers.protocol import PadWeight, find_pad_weights
 from padnet.partition import scores as S
-from padnet.partition.data import (
-    BatchSource,
-    PadWeight,
-    default_loss,
-    find_pad_weights,
-    scoring_context,
-    to_device,
-)
+from padnet.partition.data import BatchSource, default_loss, scoring_context, to_device
+from padnet.partition.observe import LossFn, PassResult, all_reduce_sum, scoring_pass
 from padnet.partition.report import PartitionResult
 from padnet.partition.schedule import SCHEDULES, iteration_steps, kappa_schedule
+from padnet.utils.checks import check_callable, check_choice, check_int, check_optional
 
-__all__ = ["OPTIONS", "IterativePartition", "PadWeight", "default_loss", "find_pad_weights",
-           "partition"]
+__all__ = ["OPTIONS", "IterativePartition", "partition_model"]
 
-#: Allowed values of the string options.
+#: Allowed values of the string options (scores: the names in :data:`~.scores.SCORES`).
 OPTIONS: dict[str, tuple[str, ...]] = {
     "schedule": SCHEDULES,
     "scope": ("global", "layer"),
     "granularity": ("element", "channel"),
-    "score": S.SCORES,
     "static_init": ("keep", "mean"),
     "bn_mode": ("eval", "train"),
 }
-LossFn = Callable[[nn.Module, Any], Tensor]
-def _all_reduce(tensors: list[Tensor]) -> list[Tensor]:
-    """Sum float64 tensors over all ranks (one flat all-reduce); unchanged without a group."""
-    if not tensors or not (dist.is_available() and dist.is_initialized()):
-        return tensors
-    flat = torch.cat([t.reshape(-1).double() for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors,
-                                               strict=True)]
 
 
 class IterativePartition:
@@ -87,24 +70,13 @@ class IterativePartition:
         opts = {"schedule": schedule, "scope": scope, "granularity": granularity, "score": score,
                 "static_init": static_init, "bn_mode": bn_mode}
         for key, value in opts.items():
-            if value not in OPTIONS[key]:
-                raise ValueError(f"{key} must be one of {OPTIONS[key]}, got {value!r}")
-        if num_batches is not None and (isinstance(num_batches, bool) or not
-                                        isinstance(num_batches, int) or num_batches < 1):
-            raise ValueError(f"num_batches must be None or an int >= 1, got {num_batches!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable(model, batch) -> Tensor, got {loss_fn!r}")
+            check_choice(value, key, S.SCORES.names() if key == "score" else OPTIONS[key])
+        check_optional(num_batches, check_int, "num_batches", 1)
+        check_int(seed, "seed")
+        check_optional(loss_fn, check_callable, "loss_fn", "(model, batch) -> scalar Tensor")
         self.entries: list[PadWeight] = find_pad_weights(model)
         if not self.entries:
-            raise ValueError("model has no PAD layers (no ModeMask): call padnet.dynamize(model) "
-                             "first")
-        for e in self.entries:
-            if static_init == "mean" and e.static is None:
-                raise ValueError(f"static_init='mean' needs the static weight of {e.name!r}")
-            if score == "magnitude" and (e.static is None or e.dynamic is None):
-                raise ValueError(f"score='magnitude' needs the weights of {e.name!r}")
+            raise ValueError("model has no PAD layers: call padnet.dynamize(model) first")
         self.config = {"dynamic_ratio": float(dynamic_ratio), "iterations": iterations,
                        "start_step": start_step, "end_step": end_step, "num_batches": num_batches,
                        **opts, "seed": seed, "normalize": bool(normalize)}
@@ -112,8 +84,9 @@ class IterativePartition:
         self.source = BatchSource(data, num_batches, cycle=True)
         self.steps_done = 0
         self.result = PartitionResult(
-            layers=[e.name for e in self.entries], numel=[e.mask.numel for e in self.entries],
-            num_dynamic=[e.mask.num_dynamic for e in self.entries], iterations=iterations,
+            layers=[e.name for e in self.entries],
+            numel=[e.mode_mask.numel for e in self.entries],
+            num_dynamic=[e.mode_mask.num_dynamic for e in self.entries], iterations=iterations,
             scope=scope, granularity=granularity, score=score)
 
     # ---- progress ------------------------------------------------------------------------
@@ -144,15 +117,15 @@ class IterativePartition:
         t = self.iteration + 1
         kappa = self.kappas[t - 1]
         start = time.perf_counter()
-        old = [e.mask.mask.clone() for e in self.entries]
+        old = [e.mode_mask.mask.clone() for e in self.entries]
         scores, means = self._score(t)
         ranked, masks = self._select(scores, kappa)
         if self.config["static_init"] == "mean":
             self._mean_init(old, masks, means)
         r = self.result
         for e, m in zip(self.entries, masks, strict=True):
-            e.mask.set_mask(m)
-        r.num_dynamic = [e.mask.num_dynamic for e in self.entries]
+            e.mode_mask.set_mask(m)
+        r.num_dynamic = [e.mode_mask.num_dynamic for e in self.entries]
         back = sum(int((~o & m.to(o.device)).sum()) for o, m in zip(old, masks, strict=True))
         away = sum(int((o & ~m.to(o.device)).sum()) for o, m in zip(old, masks, strict=True))
         r.score_summary = {e.name: {"min": float(s.min()), "mean": float(s.mean()),
@@ -167,70 +140,30 @@ class IterativePartition:
     # ---- one iteration -------------------------------------------------------------------
     def _score(self, t: int) -> tuple[list[Tensor], list[Tensor] | None]:
         """Scores ``(shape)`` float64 per PAD weight, and Theta_hat means when needed."""
-        kind, cfg = self.config["score"], self.config
-        taylor = kind == "taylor"
-        observe = kind == "variance" or cfg["static_init"] == "mean"
-        means = None
-        if taylor or observe:
-            grads, theta = self._pass(t, taylor=taylor, observe=observe)
-            grads = _all_reduce(grads) if taylor else grads
-            if observe:
-                flat = _all_reduce([x for s, q, n in theta for x in (s, q, n)])
-                mom = [S.moments(*flat[3 * i:3 * i + 3]) for i in range(len(theta))]
-                means = [m for m, _ in mom]
-        if taylor:
-            return [S.taylor_score(g) for g in grads], means
-        if kind == "variance":
-            return [S.variance_score(v) for _, v in mom], means
-        if kind == "magnitude":
-            return [S.magnitude_score(e.dynamic, e.static, *e.mask.scales())
-                    for e in self.entries], means
+        cfg, score = self.config, S.SCORES.get(self.config["score"])
+        theta = score.needs_theta or cfg["static_init"] == "mean"
+        grads = moments = None
+        if score.needs_grad or theta:
+            res = self._pass(t, grads=score.needs_grad, theta=theta)
+            grads = all_reduce_sum(res.grads) if res.grads is not None else None
+            if theta:
+                flat = all_reduce_sum(res.theta_sums)
+                moments = [S.moments(*flat[3 * i:3 * i + 3]) for i in range(len(self.entries))]
         gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + t)
-        return [S.random_score(e.mask.shape, gen) for e in self.entries], means
+        scores = [score.fn(S.ScoreInputs(
+            e, grads[i] if grads is not None else None,
+            *(moments[i] if moments is not None else (None, None)), gen))
+            for i, e in enumerate(self.entries)]
+        return scores, [m for m, _ in moments] if moments is not None else None
 
-    def _pass(self, t: int, *, taylor: bool, observe: bool) -> tuple[list, list]:
-        """One pass over the scoring batches: summed ``dL/dM`` and raw Theta_hat moments."""
-        model, entries = self.model, self.entries
-        device = next(model.parameters()).device
-        grads = [torch.zeros(e.mask.shape, dtype=torch.float64, device=device) for e in entries]
-        theta, count = [], 0
+    def _pass(self, t: int, *, grads: bool, theta: bool) -> PassResult:
+        """One scoring pass over this iteration's batches, in the scoring context."""
+        device = next(self.model.parameters()).device
         seed = self.config["seed"] * 1_000_003 + t
-        with scoring_context(model, self.config["bn_mode"], seed, device):
-            try:
-                for e in entries:
-                    e.mask.reset_observation()
-                    e.mask.observing = observe
-                    if taylor:
-                        e.mask.probe = e.mask.mask.to(e.mask.phi.dtype).requires_grad_(True)
-                probes = [e.mask.probe for e in entries]
-                for batch in self.source.batches():
-                    count += 1
-                    with torch.set_grad_enabled(taylor):
-                        loss = _check_loss(self.loss_fn(model, to_device(batch, device)))
-                    if taylor:
-                        if not loss.requires_grad:
-                            raise RuntimeError("the loss does not depend on the PAD masks")
-                        gs = torch.autograd.grad(loss, probes, allow_unused=True)
-                        for acc, g in zip(grads, gs, strict=True):
-                            if g is not None:
-                                acc += g.detach().double()
-                if count == 0:
-                    raise ValueError("data yielded no batches: IMP needs scoring data")
-                for e in entries:
-                    if observe and not e.mask.observed:
-                        raise RuntimeError(
-                            f"PAD weight {e.name!r} reported no Theta_hat while observing (its "
-                            "layer does not call ModeMask.observe): score='variance' and "
-                            "static_init='mean' need it")
-                    if observe:
-                        theta.append((e.mask.theta_sum.to(device), e.mask.theta_sq_sum.to(device),
-                                      torch.tensor(float(e.mask.observed), device=device)))
-            finally:
-                for e in entries:
-                    e.mask.probe = None
-                    e.mask.observing = False
-                    e.mask.reset_observation()
-        return grads, theta
+        with scoring_context(self.model, self.config["bn_mode"], seed, device):
+            batches = (to_device(b, device) for b in self.source.batches())
+            return scoring_pass(self.model, batches, self.entries, self.loss_fn, grads=grads,
+                                theta=theta, device=device)
 
     def _select(self, scores: list[Tensor], kappa: float) -> tuple[list[Tensor], list[Tensor]]:
         """Ranked scores (per position or per channel) and the new boolean masks."""
@@ -243,19 +176,19 @@ class IterativePartition:
         elif not channel:
             chosen = S.select_global(ranked, kappa)
         else:
-            sizes = [e.mask.numel // e.mask.shape[0] for e in self.entries]
-            target = round(kappa * sum(e.mask.numel for e in self.entries))
+            sizes = [e.mode_mask.numel // e.mode_mask.shape[0] for e in self.entries]
+            target = round(kappa * sum(e.mode_mask.numel for e in self.entries))
             chosen = S.select_channels_global(ranked, sizes, target)
         if channel:
-            chosen = [S.expand_channels(c, e.mask.shape) for c, e in zip(chosen, self.entries,
-                                                                          strict=True)]
+            chosen = [S.expand_channels(c, e.shape) for c, e in zip(chosen, self.entries,
+                                                                    strict=True)]
         return ranked, chosen
 
     @torch.no_grad()
     def _mean_init(self, old: list[Tensor], new: list[Tensor], means: list[Tensor]) -> None:
         """``W_s[j] = (lam_d / lam_s) * mean_x Theta_hat_j(x)`` where j turns static now."""
         for e, o, m, mean in zip(self.entries, old, new, means, strict=True):
-            lam_d, lam_s = (float(v.detach()) for v in e.mask.scales())
+            lam_d, lam_s = (float(v.detach()) for v in e.mode_mask.scales())
             if lam_s == 0.0:  # prune mode: static positions are zero anyway
                 continue
             turned = (o & ~m.to(o.device)).to(e.static.device)
@@ -272,7 +205,7 @@ class IterativePartition:
                             list(r.flipped_to_dynamic), "flipped_to_static":
                             list(r.flipped_to_static), "seconds": list(r.seconds),
                             "score_summary": {k: dict(v) for k, v in r.score_summary.items()}},
-                "masks": {e.name: e.mask.mask.detach().cpu().clone() for e in self.entries}}
+                "masks": {e.name: e.mode_mask.mask.detach().cpu().clone() for e in self.entries}}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`: same configuration required; restores the masks and
@@ -286,28 +219,19 @@ class IterativePartition:
             raise ValueError(f"IMP state holds masks of {sorted(state['masks'])}, the model has "
                              f"{sorted(names)}")
         for e in self.entries:
-            e.mask.set_mask(state["masks"][e.name])
+            e.mode_mask.set_mask(state["masks"][e.name])
         h, r = state["history"], self.result
         r.kappas, r.seconds = list(h["kappas"]), list(h["seconds"])
         r.flipped_to_dynamic = list(h["flipped_to_dynamic"])
         r.flipped_to_static = list(h["flipped_to_static"])
         r.score_summary = {k: dict(v) for k, v in h["score_summary"].items()}
-        r.num_dynamic = [e.mask.num_dynamic for e in self.entries]
+        r.num_dynamic = [e.mode_mask.num_dynamic for e in self.entries]
         assert len(r.kappas) == int(state["iteration"])
         self.steps_done = int(state["steps_done"])
         self.source.fast_forward(int(state["batches_consumed"]))
 
 
-def _check_loss(loss: Any) -> Tensor:
-    if not isinstance(loss, Tensor) or loss.dim() != 0:
-        got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise TypeError(f"the scoring loss must be a scalar tensor, got {got}")
-    if not torch.isfinite(loss.detach()):
-        raise ValueError(f"non-finite scoring loss {float(loss.detach()):g}")
-    return loss
-
-
-def partition(
+def partition_model(
     model: nn.Module, data: Iterable, *, dynamic_ratio: float, loss_fn: LossFn | None = None,
     iterations: int = 1, schedule: str = "exponential", scope: str = "global",
     granularity: str = "element", score: str = "taylor", static_init: str = "keep",

@@ -13,18 +13,9 @@ from pathlib import Path
 
 from torch import nn
 
-from padnet.layers.pad import ModeMask
+from padnet.layers.protocol import find_pad_weights
 
-__all__ = ["PartitionResult", "RatioReport", "layer_ratio_report", "pad_weight_name",
-           "plot_ratios"]
-
-
-def pad_weight_name(qualified: str, owner: nn.Module | None = None) -> str:
-    """Display name of a PAD weight from its ModeMask's qualified name: ``'a.conv1.pad'`` ->
-    ``'a.conv1'``, ``'a.moe.pad1'`` stays (the convention of :func:`padnet.stats`)."""
-    if qualified == "pad":
-        return type(owner).__name__ if owner is not None else "pad"
-    return qualified[: -len(".pad")] if qualified.endswith(".pad") else qualified
+__all__ = ["PartitionResult", "RatioReport", "layer_ratio_report", "plot_ratios"]
 
 
 def _table(head: tuple[str, ...], rows: list[tuple[str, ...]], total: tuple[str, ...]) -> str:
@@ -127,18 +118,17 @@ class PartitionResult(RatioReport):
 
 def layer_ratio_report(result_or_model: RatioReport | nn.Module) -> RatioReport:
     """Per-layer dynamic ratios of a :class:`PartitionResult` (returned as is) or of a model's
-    current masks (every :class:`ModeMask`, module order). ``print()`` it for a table."""
+    current masks (every PAD weight, module order). ``print()`` it for a table."""
     if isinstance(result_or_model, RatioReport):
         return result_or_model
     if not isinstance(result_or_model, nn.Module):
         raise TypeError("layer_ratio_report expects a PartitionResult or an nn.Module, got "
                         f"{type(result_or_model).__name__}")
     report = RatioReport()
-    for name, m in result_or_model.named_modules():
-        if isinstance(m, ModeMask):
-            report.layers.append(pad_weight_name(name, result_or_model))
-            report.numel.append(m.numel)
-            report.num_dynamic.append(m.num_dynamic)
+    for w in find_pad_weights(result_or_model):
+        report.layers.append(w.name)
+        report.numel.append(w.mode_mask.numel)
+        report.num_dynamic.append(w.mode_mask.num_dynamic)
     return report
 
 

@@ -1,4 +1,4 @@
-"""Schedules of Iterative Mode Partition (PADNET.md §3): the target ratio of each iteration and
+"""Schedules of Iterative Mode Partition (docs/method.md §4): the target ratio of each iteration and
 the training step at which it runs.
 
 Over T iterations ``t = 1..T`` the dynamic ratio falls from 1 towards the target ``kappa``:
@@ -15,18 +15,12 @@ network trains for ``(end_step - start_step) / T`` steps before each iteration a
 
 from __future__ import annotations
 
-from padnet.layers.pad import check_ratio
+from padnet.utils.checks import check_choice, check_int, check_ratio
 
 __all__ = ["SCHEDULES", "iteration_steps", "kappa_schedule"]
 
 #: Names of the ratio schedules.
 SCHEDULES = ("exponential", "linear")
-
-
-def _check_int(value: int, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def kappa_schedule(
@@ -37,9 +31,8 @@ def kappa_schedule(
     Raises ValueError for a ratio outside [0, 1], ``iterations < 1`` or an unknown schedule.
     """
     kappa = check_ratio(dynamic_ratio, "dynamic_ratio")
-    t_max = _check_int(iterations, "iterations", 1)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    t_max = check_int(iterations, "iterations", 1)
+    check_choice(schedule, "schedule", SCHEDULES)
     if schedule == "exponential":
         kappas = [kappa ** (t / t_max) for t in range(1, t_max + 1)]
     else:
@@ -51,9 +44,9 @@ def kappa_schedule(
 def iteration_steps(iterations: int, start_step: int = 0, end_step: int = 0) -> list[int]:
     """Training steps ``[step_1, ..., step_T]`` after which iteration t is due (non-decreasing,
     ``step_T == end_step``). With ``start_step == end_step`` every iteration is due at once."""
-    t_max = _check_int(iterations, "iterations", 1)
-    start = _check_int(start_step, "start_step", 0)
-    end = _check_int(end_step, "end_step", 0)
+    t_max = check_int(iterations, "iterations", 1)
+    start = check_int(start_step, "start_step", 0)
+    end = check_int(end_step, "end_step", 0)
     if end < start:
         raise ValueError(f"end_step must be >= start_step={start}, got {end}")
     return [start + round(t * (end - start) / t_max) for t in range(1, t_max + 1)]

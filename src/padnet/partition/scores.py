@@ -1,8 +1,10 @@
-"""Scores of mask positions and their thresholding into exact-count masks (PADNET.md §3).
+"""Scores of mask positions and their thresholding into exact-count masks (docs/method.md §4).
 
 Pure tensor functions; :mod:`padnet.partition.imp` runs the model to obtain their inputs.
 A higher score means "keep dynamic". Every score has the shape of one weight (one value per
-mask position, summed over the K dynamic factors):
+mask position, summed over the K dynamic factors). The scores are a table (:data:`SCORES`,
+extended with :func:`register_score`); each entry says whether it needs the mask gradients or
+the moments of ``Theta_hat``, so IMP computes only what the chosen score reads:
 
 * ``taylor``: ``|sum_x dL/dM_j|``, the first-order estimate of the loss change when position j
   flips (signed gradients summed over the scoring batches first, then the absolute value);
@@ -17,31 +19,33 @@ Thresholding keeps the highest scores; ties go to the lower flat index, layers i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from padnet.layers.pad import mask_from_scores
+from padnet.layers.protocol import PadWeight
+from padnet.registry import Registry
 
 __all__ = [
     "SCORES",
+    "Score",
+    "ScoreInputs",
     "channel_scores",
     "expand_channels",
     "magnitude_score",
     "moments",
     "normalize_scores",
     "random_score",
+    "register_score",
     "select_channels_global",
     "select_global",
     "select_layerwise",
     "taylor_score",
     "variance_score",
 ]
-
-#: Names of the score functions.
-SCORES = ("taylor", "variance", "magnitude", "random")
-
 
 def taylor_score(grad_sum: Tensor) -> Tensor:
     """``|grad_sum|`` for the summed signed mask gradient ``sum_x dL/dM`` (shape of a weight)."""
@@ -50,7 +54,7 @@ def taylor_score(grad_sum: Tensor) -> Tensor:
 
 def moments(total: Tensor, sq_total: Tensor, count: int | float) -> tuple[Tensor, Tensor]:
     """Mean and variance per position from ``sum Theta``, ``sum Theta^2`` and the sample count
-    (the formula of :meth:`ModeMask.theta_moments`, usable on sums reduced over ranks)."""
+    (the one place of this formula; the sums may be reduced over ranks first)."""
     if count <= 0:
         raise ValueError(f"count must be > 0, got {count}")
     mean = total.double() / count
@@ -75,6 +79,50 @@ def magnitude_score(
 def random_score(shape: Sequence[int], generator: torch.Generator) -> Tensor:
     """Uniform noise of ``shape`` (float64) drawn from ``generator``."""
     return torch.rand(tuple(shape), generator=generator, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What a score function may read for one PAD weight (None where its entry did not ask)."""
+
+    weight: PadWeight
+    grad_sum: Tensor | None  # sum over the scoring batches of dL/dM, float64
+    theta_mean: Tensor | None  # mean of Theta_hat over the scoring inputs, float64
+    theta_var: Tensor | None  # its variance
+    generator: torch.Generator  # seeded per iteration
+
+
+@dataclass(frozen=True)
+class Score:
+    """A registered score: ``fn(inputs) -> (shape)`` and what it needs computed."""
+
+    name: str
+    fn: Callable[[ScoreInputs], Tensor]
+    needs_grad: bool = False
+    needs_theta: bool = False
+
+
+#: The score table: name -> :class:`Score`.
+SCORES: Registry[Score] = Registry("score")
+
+
+def register_score(
+    name: str, *, needs_grad: bool = False, needs_theta: bool = False
+) -> Callable[[Callable[[ScoreInputs], Tensor]], Callable[[ScoreInputs], Tensor]]:
+    """Decorator adding ``fn(inputs: ScoreInputs) -> Tensor`` to :data:`SCORES` as ``name``."""
+
+    def add(fn: Callable[[ScoreInputs], Tensor]) -> Callable[[ScoreInputs], Tensor]:
+        SCORES.register(name, Score(name, fn, needs_grad, needs_theta))
+        return fn
+
+    return add
+
+
+register_score("taylor", needs_grad=True)(lambda i: taylor_score(i.grad_sum))
+register_score("variance", needs_theta=True)(lambda i: variance_score(i.theta_var))
+register_score("magnitude")(lambda i: magnitude_score(i.weight.dynamic, i.weight.static,
+                                                      *i.weight.mode_mask.scales()))
+register_score("random")(lambda i: random_score(i.weight.shape, i.generator))
 
 
 def channel_scores(score: Tensor) -> Tensor:

@@ -1,0 +1,41 @@
+"""Activations of feed-forward experts, by name or as a callable."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ACTIVATIONS", "resolve_activation"]
+
+#: Activations by name; ``gelu`` is the exact (erf) GELU of PyTorch and Hugging Face BERT.
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def resolve_activation(
+    activation: str | Callable[[Tensor], Tensor],
+) -> tuple[str, Callable[[Tensor], Tensor]]:
+    """``(display name, callable)`` of a name from :data:`ACTIVATIONS` or a callable. An in-place
+    ``nn.Module`` activation is copied with ``inplace=False`` (the backward needs its input)."""
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)} or a callable, "
+                             f"got {activation!r}")
+        return activation, ACTIVATIONS[activation]
+    if not callable(activation):
+        raise TypeError(f"activation must be a string or a callable, got {activation!r}")
+    if isinstance(activation, nn.Module) and getattr(activation, "inplace", False):
+        activation = copy.copy(activation)
+        activation.inplace = False
+    return type(activation).__name__, activation
