@@ -222,7 +222,7 @@ def test_non_square_input_and_channels_last():
         ({"padding": "full"}, "padding must be .*'full'"),
         ({"stride": 2, "padding": "same"}, "padding='same' needs stride 1"),
         ({"groups": 3}, "in_channels must be a positive multiple of groups=3"),
-        ({"temperature": 0}, "temperature must be > 0, got 0"),
+        ({"temperature": 0}, "temperature must be a number > 0, got 0"),
         ({"kernel_size": 0}, "kernel_size must be a positive int"),
     ],
 )

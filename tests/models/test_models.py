@@ -61,7 +61,7 @@ def test_list_models_sorted_and_filtered():
 
 
 def test_register_model_adds_and_rejects_duplicates(monkeypatch):
-    monkeypatch.setattr(registry_mod, "_MODELS", dict(registry_mod._MODELS))
+    monkeypatch.setattr(registry_mod.MODELS, "_entries", dict(registry_mod.MODELS._entries))
 
     @register_model(name="tiny_test_net")
     def _tiny(*, num_classes: int = 1000, in_chans: int = 3) -> nn.Module:

@@ -24,6 +24,7 @@ from padnet.data.fashion_mnist import (
     load_fashion_mnist,
 )
 from padnet.data.splits import DatasetSplits, encode_labels, make_split_indices
+from padnet.utils.checks import check_int, check_optional
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageArrayDataset", "ImageTransform", "RawImages", "collate_images",
@@ -54,14 +55,11 @@ class ImageTransform:
     def __init__(self, in_channels: int, *, channels: int | None = None,
                  image_size: int | None = None) -> None:
         channels = in_channels if channels is None else channels
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be None or an int >= 1, got {channels!r}")
+        check_int(channels, "channels", 1)
         if channels not in (1, in_channels) and in_channels != 1:
             raise ValueError(f"channels={channels} cannot be made from {in_channels}-channel "
                              "images (only 1 -> C repeats and C -> 1 averages are supported)")
-        if image_size is not None and (isinstance(image_size, bool)
-                                       or not isinstance(image_size, int) or image_size < 1):
-            raise ValueError(f"image_size must be None or an int >= 1, got {image_size!r}")
+        check_optional(image_size, check_int, "image_size", 1)
         self.in_channels, self.channels, self.image_size = in_channels, channels, image_size
         self.mean = torch.zeros(channels)
         self.std = torch.ones(channels)

@@ -9,34 +9,58 @@ data sets (default: ``$PADNET_DATA/<dir>``, then ``./data/<dir>``, as filled by
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from padnet.data import images, text
 from padnet.data.splits import DatasetSplits, check_fraction, check_subset
+from padnet.registry import Registry
+from padnet.utils.checks import check_int, check_optional
 
-__all__ = ["DATASETS", "list_datasets", "load_dataset"]
+__all__ = ["DATASETS", "DatasetEntry", "list_datasets", "load_dataset", "register_dataset"]
 
-IMAGE_DATASETS: dict[str, Callable[..., images.RawImages]] = {
-    "fashion_mnist": lambda root, **_: images.load_fashion_mnist_images(root),
-    "npz": lambda root, **_: images.load_npz(root),
-    "image_folder": lambda root, image_size, channels, **_: images.load_image_folder(
-        root, image_size=image_size, channels=channels),
-}
-TEXT_DATASETS: dict[str, Callable[..., text.RawTexts]] = {
-    "rotten_tomatoes": lambda root, **_: text.load_rotten_tomatoes(root),
-    "polarity": lambda root, **_: text.load_pattern_corpus("polarity", root),
-    "conll2010": lambda root, **_: text.load_pattern_corpus("conll2010", root),
-    "csv": lambda root, text_column, label_column, **_: text.load_csv_texts(
-        root, text_column=text_column, label_column=label_column),
-}
-DATASETS = {**IMAGE_DATASETS, **TEXT_DATASETS}
-_NEEDS_ROOT = ("npz", "image_folder", "csv")
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered data set: ``load(root, **options)`` returns raw images or texts."""
+
+    load: Callable[..., Any]
+    kind: str  # "image" or "text"
+    needs_root: bool = False  # the user's own data: root= is required
+
+
+#: The data set table (``padnet list``, config validation and :func:`load_dataset` read it).
+DATASETS: Registry[DatasetEntry] = Registry("data set")
+
+
+def register_dataset(name: str, load: Callable[..., Any], *, kind: str,
+                     needs_root: bool = False) -> DatasetEntry:
+    """Add a data set: ``load(root, image_size=, channels=, text_column=, label_column=)``
+    returns :class:`~padnet.data.images.RawImages` (``kind='image'``) or
+    :class:`~padnet.data.text.RawTexts` (``kind='text'``)."""
+    return DATASETS.register(name, DatasetEntry(load, kind, needs_root))
+
+
+register_dataset("fashion_mnist", lambda root, **_: images.load_fashion_mnist_images(root),
+                 kind="image")
+register_dataset("npz", lambda root, **_: images.load_npz(root), kind="image", needs_root=True)
+register_dataset("image_folder", lambda root, image_size, channels, **_:
+                 images.load_image_folder(root, image_size=image_size, channels=channels),
+                 kind="image", needs_root=True)
+register_dataset("rotten_tomatoes", lambda root, **_: text.load_rotten_tomatoes(root),
+                 kind="text")
+register_dataset("polarity", lambda root, **_: text.load_pattern_corpus("polarity", root),
+                 kind="text")
+register_dataset("conll2010", lambda root, **_: text.load_pattern_corpus("conll2010", root),
+                 kind="text")
+register_dataset("csv", lambda root, text_column, label_column, **_: text.load_csv_texts(
+    root, text_column=text_column, label_column=label_column), kind="text", needs_root=True)
 
 
 def list_datasets() -> list[str]:
     """The names ``load_dataset`` accepts, sorted."""
-    return sorted(DATASETS)
+    return sorted(DATASETS.names())
 
 
 def load_dataset(
@@ -64,26 +88,23 @@ def load_dataset(
     ``AutoTokenizer.from_pretrained``) truncated to ``max_length``. Missing files raise
     FileNotFoundError saying how to get them; bad arguments raise ValueError.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; available: {', '.join(list_datasets())}")
+    entry = DATASETS.get(name)
     check_fraction("val_fraction", val_fraction)
     check_fraction("test_fraction", test_fraction)
     check_subset(subset)
     for arg, value, low in (("seed", seed, 0), ("max_length", max_length, 2),
                             ("image_size", image_size, 1), ("channels", channels, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < low):
-            raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
-    if root is None and name in _NEEDS_ROOT:
+        check_optional(value, check_int, arg, low)
+    if root is None and entry.needs_root:
         raise ValueError(f"data set {name!r} needs root= (the path of the user's data)")
     common = {"name": name, "seed": seed, "val_fraction": val_fraction,
               "test_fraction": test_fraction, "subset": subset}
-    if name in IMAGE_DATASETS:
+    if entry.kind == "image":
         if tokenizer is not None:
             raise ValueError(f"tokenizer is for text data sets; {name!r} holds images")
-        raw = IMAGE_DATASETS[name](root, image_size=image_size, channels=channels)
+        raw = entry.load(root, image_size=image_size, channels=channels)
         return images.image_splits(raw, image_size=image_size, channels=channels, **common)
     if image_size is not None or channels is not None:
         raise ValueError(f"image_size/channels are for image data sets; {name!r} holds text")
-    raw = TEXT_DATASETS[name](root, text_column=text_column, label_column=label_column)
+    raw = entry.load(root, text_column=text_column, label_column=label_column)
     return text.text_splits(raw, tokenizer=tokenizer, max_length=max_length, **common)

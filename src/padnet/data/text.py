@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from padnet.data.splits import DatasetSplits, encode_labels, make_split_indices
+from padnet.utils.checks import check_int
 
 __all__ = [
     "RawTexts", "TextCollator", "TextDataset", "load_csv_texts", "load_pattern_corpus",
@@ -215,8 +216,7 @@ def text_splits(
 
     Without a tokenizer the items hold raw text and the collate function returns it as a list.
     """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    check_int(max_length, "max_length", 2)
     tok = resolve_tokenizer(tokenizer) if tokenizer is not None else None
     parts = make_split_indices(len(raw.texts), seed=seed, val_fraction=val_fraction,
                                test_fraction=test_fraction, subset=subset, has_test=False)

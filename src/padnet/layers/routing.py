@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from padnet.utils.checks import check_choice, check_int, check_number
+
 __all__ = [
     "ROUTINGS",
     "ConvRouter",
@@ -32,17 +34,13 @@ ROUTINGS = ("softmax", "sigmoid")
 
 def hidden_size(in_channels: int, reduction: float, min_hidden: int) -> int:
     """Width of a router's hidden layer: ``max(in_channels // reduction, min_hidden)``."""
-    if reduction <= 0:
-        raise ValueError(f"reduction must be > 0, got {reduction!r}")
-    if min_hidden < 1:
-        raise ValueError(f"min_hidden must be >= 1, got {min_hidden!r}")
+    check_number(reduction, "reduction", minimum=0, strict=True)
+    check_int(min_hidden, "min_hidden", 1)
     return max(int(in_channels // reduction), int(min_hidden))
 
 
 def _check_temperature(value: float) -> float:
-    if not float(value) > 0:
-        raise ValueError(f"temperature must be > 0, got {value!r}")
-    return float(value)
+    return check_number(value, "temperature", minimum=0, strict=True)
 
 
 class ConvRouter(nn.Module):
@@ -71,8 +69,7 @@ class ConvRouter(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if activation not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}, got {activation!r}")
+        check_choice(activation, "routing", ROUTINGS)
         kw = {"device": device, "dtype": dtype}
         self.activation = activation
         self.temperature = _check_temperature(temperature)

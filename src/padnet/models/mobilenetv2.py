@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from padnet.models.registry import register_model
+from padnet.utils.checks import check_number
 
 __all__ = ["INVERTED_RESIDUAL_SETTING", "InvertedResidual", "MobileNetV2", "make_divisible"]
 
@@ -95,10 +96,7 @@ class MobileNetV2(nn.Module):
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
-        if isinstance(width_mult, bool) or not isinstance(width_mult, int | float) or (
-            width_mult <= 0
-        ):
-            raise ValueError(f"width_mult must be a number > 0, got {width_mult!r}")
+        check_number(width_mult, "width_mult", minimum=0, strict=True)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         channels = make_divisible(32 * width_mult)

@@ -7,19 +7,21 @@ builder, and loads pretrained weights through :mod:`padnet.models.pretrained` wh
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from padnet.models.pretrained import PRETRAINED_WEIGHTS, load_pretrained
+from padnet.registry import Registry
+from padnet.utils.checks import check_int
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["MODELS", "create_model", "list_models", "register_model"]
 
 ModelBuilder = Callable[..., nn.Module]
 
-_MODELS: dict[str, ModelBuilder] = {}
+#: The model table: name -> builder.
+MODELS: Registry[ModelBuilder] = Registry("model")
 
 
 def register_model(
@@ -32,24 +34,14 @@ def register_model(
     """
 
     def decorator(builder: ModelBuilder) -> ModelBuilder:
-        key = name if name is not None else builder.__name__
-        if key in _MODELS:
-            raise ValueError(f"model name {key!r} is already registered")
-        _MODELS[key] = builder
-        return builder
+        return MODELS.register(name if name is not None else builder.__name__, builder)
 
     return decorator(fn) if fn is not None else decorator
 
 
 def list_models(pattern: str | None = None) -> list[str]:
     """Sorted registered model names, filtered by an fnmatch ``pattern`` (e.g. "resnet*")."""
-    names = sorted(_MODELS)
-    return names if pattern is None else fnmatch.filter(names, pattern)
-
-
-def _check_positive_int(arg: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
+    return sorted(MODELS.names(pattern))
 
 
 def create_model(
@@ -73,16 +65,15 @@ def create_model(
         **kwargs: builder-specific options (``width`` for ResNets, ``width_mult`` and ``dropout``
             for MobileNetV2).
     """
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
-    _check_positive_int("num_classes", num_classes)
-    _check_positive_int("in_chans", in_chans)
+    builder = MODELS.get(name)
+    check_int(num_classes, "num_classes", 1)
+    check_int(in_chans, "in_chans", 1)
     if pretrained and name not in PRETRAINED_WEIGHTS:
         raise ValueError(
             f"model {name!r} has no pretrained weights (pretrained=True); models with weights: "
             f"{', '.join(sorted(PRETRAINED_WEIGHTS))}"
         )
-    model = _MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model = builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
     if pretrained:
         load_pretrained(model, name, num_classes=num_classes, in_chans=in_chans)
     return model

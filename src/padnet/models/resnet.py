@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from padnet.models.registry import register_model
+from padnet.utils.checks import check_int
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet"]
 
@@ -146,8 +147,7 @@ class ResNet(nn.Module):
 
 
 def _check_width(width: int) -> None:
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"width must be an int >= 1, got {width!r}")
+    check_int(width, "width", 1)
 
 
 def _cifar_resnet(depth_blocks: int, num_classes: int, in_chans: int, width: int) -> ResNet:

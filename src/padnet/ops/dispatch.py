@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from padnet.utils.checks import check_choice
+
 __all__ = [
     "GROUPED_PATHS",
     "Dispatch",
@@ -171,8 +173,7 @@ def grouped_ffn(
     Returns:
         ``(A, H)``.
     """
-    if path not in GROUPED_PATHS:
-        raise ValueError(f"path must be one of {GROUPED_PATHS}, got {path!r}")
+    check_choice(path, "path", GROUPED_PATHS)
     if x.shape[0] == 0:
         return x.new_zeros(0, m2[0].shape[1])
     if path == "bmm":

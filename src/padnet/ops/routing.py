@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from padnet.utils.checks import check_choice, check_int
+
 __all__ = [
     "NOISE_TYPES",
     "add_router_noise",
@@ -39,19 +41,16 @@ def check_routing_args(
 ) -> None:
     """Raise ValueError (naming argument and value) unless ``1 <= top_k <= num_experts`` and
     ``capacity_factor`` is None or a positive number."""
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    check_int(num_experts, "num_experts", 1)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(
             f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}"
         )
-    if capacity_factor is not None:
-        ok = isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
-        if not ok or not math.isfinite(capacity_factor) or capacity_factor <= 0:
-            raise ValueError(
-                f"capacity_factor must be a positive number or None (dropless), "
-                f"got {capacity_factor!r}"
-            )
+    if capacity_factor is not None and not (
+            isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+            and math.isfinite(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"capacity_factor must be a positive number or None (dropless), "
+                         f"got {capacity_factor!r}")
 
 
 def router_logits(x: Tensor, weight: Tensor) -> Tensor:
@@ -75,8 +74,7 @@ def add_router_noise(
     ``'jitter'`` multiplies ``x`` by ``U(1 - std, 1 + std)`` elementwise (apply it to the router
     input); ``'gaussian'`` adds ``N(0, std^2)`` (apply to the logits). Same shape as ``x``.
     """
-    if kind not in NOISE_TYPES:
-        raise ValueError(f"router_noise must be one of {NOISE_TYPES} or None, got {kind!r}")
+    check_choice(kind, "router_noise", NOISE_TYPES)
     if std <= 0:
         return x
     if kind == "jitter":
