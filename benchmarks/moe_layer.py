@@ -77,7 +77,7 @@ class NaiveMoE(nn.Module):
 
 class NaivePadMoE(nn.Module):
     """PAD-MoE the obvious way: fold every expert's effective weight with ``ModeMask.combine``
-    (PADNET.md §2b's formula, ``(E, out, in)`` tensors) each forward, then the usual loop."""
+    (docs/method.md §2.2's formula, ``(E, out, in)`` tensors) each forward, then the usual loop."""
 
     def __init__(self, moe: MoE) -> None:
         super().__init__()

@@ -1,8 +1,8 @@
 """Slow, obvious oracles for the mixture of experts: a loop over tokens and a loop over experts.
 
 They read the parameters of a :class:`padnet.layers.moe.MoE` and recompute its output from the
-PADNET.md §2b formulas directly (effective weight of each expert built from mask, scale factors,
-expert and static weight), without any of the layer's execution tricks.
+formulas of docs/method.md §2.2 directly (effective weight of each expert built from mask, scale
+factors, expert and static weight), without any of the layer's execution tricks.
 """
 
 from __future__ import annotations

@@ -127,3 +127,16 @@ def test_bad_arguments(kwargs, exc, match):
 def test_not_a_module():
     with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
         padnet.dynamize("resnet18")
+
+
+@pytest.mark.parametrize("method", ["dyconv", "condconv", "odconv"])
+def test_copy_noise_is_relative_to_the_copy_for_every_method(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 64, 3))
+    padnet.dynamize(model, method, init="copy", num_kernels=4)
+    exact = model[1].weight.detach().clone()
+    torch.manual_seed(0)
+    noisy = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 64, 3))
+    padnet.dynamize(noisy, method, init="copy_noise", copy_noise_std=0.1, num_kernels=4)
+    relative = float((noisy[1].weight - exact).std() / exact.std())
+    assert 0.09 < relative < 0.11

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from padnet.convert import dynamize
 from padnet.convert.moe import dynamize_moe, find_ffn_blocks
 from padnet.layers.auxiliary import aux_loss
 from padnet.layers.moe import MoE
@@ -78,7 +79,6 @@ def test_layers_include_exclude_select_blocks() -> None:
 
 
 def test_dynamize_entry_point() -> None:
-    dynamize = pytest.importorskip("padnet.convert.dynamize").dynamize
     torch.manual_seed(0)
     model = Net().eval()
     x = torch.randn(6, D)

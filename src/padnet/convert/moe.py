@@ -202,6 +202,16 @@ def _matches(block: FFNBlock, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for n in (block.name, *block.aliases) for p in patterns)
 
 
+def _before_name(block: FFNBlock) -> str:
+    """What the report calls the module(s) a block's MoE replaces."""
+    if block.kind == "moe":
+        return "MoE"
+    if block.kind == "bert":  # the MoE takes the place of intermediate and output.dense
+        owner = block.owner
+        return f"{type(owner.intermediate).__name__}+{type(owner.output).__name__}.dense"
+    return type(block.owner).__name__
+
+
 def dynamize_moe(
     model: nn.Module,
     *,
@@ -253,12 +263,7 @@ def dynamize_moe(
     report = ConversionReport("moe")
     converted_bert: list[MoE] = []
     for i, block in enumerate(blocks):
-        owner = block.owner
-        before = type(owner).__name__
-        if block.kind == "moe":
-            before = "MoE"
-        elif block.kind == "bert":  # the MoE takes the place of intermediate and output.dense
-            before = f"{type(owner.intermediate).__name__}+{type(owner.output).__name__}.dense"
+        before = _before_name(block)
         reason = ("already a MoE" if block.kind == "moe"
                   else "not in layers" if i not in chosen
                   else "not in include" if inc is not None and not _matches(block, inc)

@@ -1,6 +1,6 @@
 """Token routing for mixtures of experts: logits, top-k gates, capacity, auxiliary losses.
 
-Pure tensor functions (PADNET.md §2b). Shapes: ``N`` tokens, ``E`` experts, ``k`` kept experts
+Pure tensor functions (docs/method.md §2.2). Shapes: ``N`` tokens, ``E`` experts, ``k`` kept experts
 per token. Router logits are computed in at least float32; ties in top-k go to the lower expert
 index; gates are the softmax over the k kept logits. The auxiliary losses count only valid
 tokens when a ``valid`` mask (True = real token, shape ``(N,)``) is given:
