@@ -27,6 +27,7 @@ KINDS = {
     "condconv": (DynamicConv2d, {"routing": "sigmoid"}),
     "odconv": (ODConv2d, {}),
 }
+PATHS = ("grouped", "mixture", "unfold")  # the execution paths of DynamicConv2d
 
 
 def build(kind: str, geometry: str, **kwargs):
@@ -72,17 +73,28 @@ def test_every_path_equals_per_sample_oracle(kind, geometry):
         assert_same(run_and_grad(layer, layer, x), expected)
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES)
-@pytest.mark.parametrize("kind", KINDS)
-def test_ratio_one_is_fully_dynamic_and_zero_is_static(kind, geometry):
+def layer_input_and_routing(kind: str, geometry: str):
+    """A fully dynamic layer, an input of two samples and fixed routing weights for it."""
     layer = build(kind, geometry, dynamic_ratio=1.0)
     x = torch.randn(2, layer.in_channels, 7, 9, dtype=torch.float64)
     routing = make_routing(layer, 2, torch.Generator().manual_seed(3), torch.float64)
+    return layer, x, routing
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_ratio_one_is_fully_dynamic(kind, geometry):
+    layer, x, routing = layer_input_and_routing(kind, geometry)
     full = run_and_grad(lambda x: per_sample_conv(layer, x, routing, fully_dynamic=True), layer, x)
     for path in layer.supported_paths():
         layer.path = path
         assert_same(run_and_grad(lambda x: layer(x, routing), layer, x), full)
 
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_ratio_zero_is_a_static_conv(kind, geometry):
+    layer, x, routing = layer_input_and_routing(kind, geometry)
     layer.mode_mask.set_ratio(0.0)
     static = nn.Conv2d(*GEOMETRIES[geometry][:7], bias=False,
                        padding_mode=GEOMETRIES[geometry][8]).double()
@@ -99,7 +111,7 @@ def test_ratio_one_is_fully_dynamic_and_zero_is_static(kind, geometry):
         assert_same(run_and_grad(lambda x: layer(x, routing), layer, x), expected)
 
 
-@pytest.mark.parametrize("path", ["grouped", "mixture", "unfold"])
+@pytest.mark.parametrize("path", PATHS)
 def test_single_kernel_dyconv_equals_conv2d(path):
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 4, 3, stride=2, padding=1, groups=2).double()
@@ -117,14 +129,23 @@ def test_single_kernel_dyconv_equals_conv2d(path):
     torch.testing.assert_close(grads["bias"][0], grads_ref["bias"])
 
 
-def test_batch_of_one_and_gradcheck():
+def small_layer(path: str) -> DynamicConv2d:
     torch.manual_seed(0)
-    for path in ("grouped", "mixture", "unfold"):
-        layer = DynamicConv2d(2, 2, 3, padding=1, num_kernels=2, dynamic_ratio=0.5,
-                              path=path).double()
-        x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(layer, (x,))
-        assert layer(x[:1]).shape == (1, 2, 4, 4)
+    return DynamicConv2d(2, 2, 3, padding=1, num_kernels=2, dynamic_ratio=0.5, path=path).double()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradcheck(path):
+    layer = small_layer(path)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_batch_of_one(path):
+    layer = small_layer(path)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    assert layer(x[:1]).shape == (1, 2, 4, 4)
 
 
 def test_mixture_and_grouped_agree_in_float32_at_batch_32():
@@ -132,35 +153,50 @@ def test_mixture_and_grouped_agree_in_float32_at_batch_32():
     layer = DynamicConv2d(16, 32, 3, padding=1, dynamic_ratio=0.3)
     x = torch.randn(32, 16, 8, 8)
     outs = []
-    for path in ("grouped", "mixture", "unfold"):
+    for path in PATHS:
         layer.path = path
         outs.append(layer(x))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(outs[2], outs[0], atol=1e-5, rtol=1e-4)
 
 
-def test_auto_path_rule_and_exactness():
-    layer = DynamicConv2d(4, 6, 3, stride=2, padding=1, dynamic_ratio=0.5).double()
-    assert layer.output_area(8, 7) == 4 * 4
+def strided_layer() -> DynamicConv2d:
+    return DynamicConv2d(4, 6, 3, stride=2, padding=1, dynamic_ratio=0.5).double()
+
+
+def test_output_area_follows_the_geometry():
+    assert strided_layer().output_area(8, 7) == 4 * 4
+
+
+def test_auto_path_takes_the_mixture_for_many_samples_of_small_maps():
+    layer = strided_layer()
     assert layer.resolve_path(32, 16) == "mixture"  # many samples, small maps
     assert layer.resolve_path(32, 64) == "grouped"
     assert layer.resolve_path(1, 1) == "grouped"
-    for cls_args in ((4, 4, 1), (4, 4, 3)):  # pointwise; depthwise below
-        kw = {"groups": 4} if cls_args[2] == 3 else {}
-        assert DynamicConv2d(*cls_args, **kw).resolve_path(128, 1) == "grouped"
+
+
+@pytest.mark.parametrize("kwargs", [{"kernel_size": 1}, {"kernel_size": 3, "groups": 4}],
+                         ids=["pointwise", "depthwise"])
+def test_auto_path_keeps_pointwise_and_depthwise_grouped(kwargs):
+    assert DynamicConv2d(4, 4, **kwargs).resolve_path(128, 1) == "grouped"
+
+
+def test_auto_path_equals_the_oracle():
+    layer = strided_layer()
     x = torch.randn(32, 4, 8, 7, dtype=torch.float64)  # auto runs the mixture here
     torch.testing.assert_close(layer(x), per_sample_conv(layer, x, layer.route(x)))
 
 
-@pytest.mark.parametrize("mode", ["both", "static_only", "dynamic_only", "none", "prune", "s",
-                                  "d"])
-def test_scale_modes_against_oracle(mode):
+SCALE_MODES = ["both", "static_only", "dynamic_only", "none", "prune", "s", "d"]
+
+
+@pytest.mark.parametrize("mode", SCALE_MODES)
+def test_scale_factors_of_each_mode(mode):
     layer = build("dyconv", "plain3x3", dynamic_ratio=0.5, scale_mode=mode)
     lam_d, lam_s = layer.mode_mask.scales()
-    expected = {"both": (2 * torch.sigmoid(torch.tensor(0.4)),) * 1}
     if mode == "both":
         torch.testing.assert_close(lam_d + lam_s, torch.tensor(2.0, dtype=lam_d.dtype))
-        torch.testing.assert_close(lam_d, expected["both"][0].double())
+        torch.testing.assert_close(lam_d, 2 * torch.sigmoid(torch.tensor(0.4, dtype=lam_d.dtype)))
     elif mode == "none":
         assert float(lam_d) == float(lam_s) == 1.0
     elif mode == "prune":
@@ -168,7 +204,17 @@ def test_scale_modes_against_oracle(mode):
     else:
         fixed = lam_d if mode in ("s", "static_only") else lam_s
         assert float(fixed) == 1.0
+
+
+@pytest.mark.parametrize("mode", SCALE_MODES)
+def test_phi_is_trainable_only_where_it_is_used(mode):
+    layer = build("dyconv", "plain3x3", dynamic_ratio=0.5, scale_mode=mode)
     assert layer.mode_mask.phi.requires_grad == (mode not in ("none", "prune"))
+
+
+@pytest.mark.parametrize("mode", SCALE_MODES)
+def test_scale_modes_against_oracle(mode):
+    layer = build("dyconv", "plain3x3", dynamic_ratio=0.5, scale_mode=mode)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(layer(x), per_sample_conv(layer, x, layer.route(x)))
 
@@ -181,16 +227,22 @@ def test_prune_mode_zeroes_static_positions():
     torch.testing.assert_close(layer(x, routing), bias_only)
 
 
-def test_injected_routing_is_used_and_router_is_skipped():
+ONE_HOT = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]], dtype=torch.float64)
+
+
+def test_injected_routing_is_used():
     layer = build("dyconv", "plain3x3")
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
-    one_hot = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]], dtype=torch.float64)
-    y = layer(x, one_hot)
+    y = layer(x, ONE_HOT)
     for b, k in ((0, 0), (1, 2)):
         kernel = layer.mode_mask.dynamic(layer.weight)[k]
         ref = F.conv2d(x[b:b + 1], kernel, layer.bias[k], padding=1)
         torch.testing.assert_close(y[b:b + 1], ref)
-    y.sum().backward()
+
+
+def test_injected_routing_skips_the_router():
+    layer = build("dyconv", "plain3x3")
+    layer(torch.randn(2, 4, 5, 5, dtype=torch.float64), ONE_HOT).sum().backward()
     assert all(p.grad is None for p in layer.router.parameters())
 
 
@@ -200,13 +252,28 @@ def test_temperature_flattens_softmax_routing():
     torch.testing.assert_close(r, torch.full_like(r, 0.25), atol=1e-3, rtol=0)
 
 
-def test_non_square_input_and_channels_last():
+def non_square_layer_and_input() -> tuple[DynamicConv2d, torch.Tensor]:
+    """Non-square kernel, stride, padding and input, in float32."""
+    torch.manual_seed(0)
     layer = DynamicConv2d(4, 8, (3, 5), stride=(1, 2), padding=(1, 2), dynamic_ratio=0.5)
-    x = torch.randn(3, 4, 7, 12).to(memory_format=torch.channels_last)
+    return layer, torch.randn(3, 4, 7, 12)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_non_square_geometry_equals_the_oracle(path):
+    layer, x = non_square_layer_and_input()
+    ref = per_sample_conv(layer, x, layer.route(x))
+    layer.path = path
+    torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_channels_last_input_equals_the_oracle(path):
+    layer, x = non_square_layer_and_input()
+    x = x.to(memory_format=torch.channels_last)
     ref = per_sample_conv(layer, x.contiguous(), layer.route(x))
-    for path in ("grouped", "mixture", "unfold"):
-        layer.path = path
-        torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-4)
+    layer.path = path
+    torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -232,15 +299,23 @@ def test_bad_arguments_raise_value_error(kwargs, match):
         DynamicConv2d(**args)
 
 
-def test_bad_input_and_routing_shapes():
-    layer = DynamicConv2d(4, 4, 3, num_kernels=2)
-    msg = r"expects input of shape \(B, 4, H, W\), got \(2, 3, 5, 5\)"
-    with pytest.raises(ValueError, match=msg):
-        layer(torch.randn(2, 3, 5, 5))
-    with pytest.raises(ValueError, match=r"routing_weights must have shape .* \(2, 2\)"):
-        layer(torch.randn(2, 4, 5, 5), torch.ones(2, 3))
-    od = ODConv2d(4, 4, 3, num_kernels=2)
-    with pytest.raises(ValueError, match="ODAttention"):
-        od(torch.randn(2, 4, 5, 5), torch.ones(2, 2))
+@pytest.mark.parametrize(
+    ("cls", "args", "match"),
+    [
+        (DynamicConv2d, (torch.randn(2, 3, 5, 5),),
+         r"expects input of shape \(B, 4, H, W\), got \(2, 3, 5, 5\)"),
+        (DynamicConv2d, (torch.randn(2, 4, 5, 5), torch.ones(2, 3)),
+         r"routing_weights must have shape .* \(2, 2\)"),
+        (ODConv2d, (torch.randn(2, 4, 5, 5), torch.ones(2, 2)), "ODAttention"),
+    ],
+    ids=["input-channels", "routing-shape", "odconv-routing-type"],
+)
+def test_bad_input_and_routing_shapes(cls, args, match):
+    layer = cls(4, 4, 3, num_kernels=2)
+    with pytest.raises(ValueError, match=match):
+        layer(*args)
+
+
+def test_odconv_has_no_mixture_path():
     with pytest.raises(ValueError, match="ODConv|path must be one of"):
         ODConv2d(4, 4, 3, path="mixture")

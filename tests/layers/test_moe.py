@@ -132,26 +132,42 @@ def test_kappa_one_is_the_fully_dynamic_moe_times_lam_d() -> None:
         plain.w2.mul_(lam2)
     x = torch.randn(12, H, dtype=torch.float64)
     torch.testing.assert_close(pad(x), plain(x))
-    pad(x).sum().backward()
+
+
+def test_kappa_one_skips_the_static_weights() -> None:
+    pad = build(top_k=2, dynamic_ratio=1.0)
+    pad(torch.randn(12, H, dtype=torch.float64)).sum().backward()
     assert pad.w1_static.grad is None and pad.w2_static.grad is None  # static part skipped
 
 
-def test_kappa_zero_is_a_static_ffn_with_lam_s() -> None:
+def static_layer() -> MoE:
+    """kappa = 0 and equal expert biases: the only per-expert part left is the unused experts."""
     layer = build(top_k=2, dynamic_ratio=0.0)
-    with torch.no_grad():  # equal expert biases: the only per-expert part left
+    with torch.no_grad():
         layer.b1.copy_(layer.b1[0].expand_as(layer.b1))
         layer.b2.copy_(layer.b2[0].expand_as(layer.b2))
+    return layer
+
+
+@pytest.mark.parametrize("static_path", ["fold", "shared"])
+def test_kappa_zero_is_a_static_ffn_with_lam_s(static_path: str) -> None:
+    layer = static_layer()
     _, lam_s1 = scale_factors(layer.mode_mask1.phi, "both")
     _, lam_s2 = scale_factors(layer.mode_mask2.phi, "both")
     x = torch.randn(12, H, dtype=torch.float64)
     dense = F.linear(F.gelu(F.linear(x, lam_s1 * layer.w1_static, layer.b1[0])),
                      lam_s2 * layer.w2_static, layer.b2[0])
-    for static_path in ("fold", "shared"):
-        layer.static_path = static_path
-        out = layer(x)
-        torch.testing.assert_close(out, dense)
-        grad_w1 = torch.autograd.grad(out.sum(), layer.w1)[0]
-        assert (grad_w1 == 0).all()  # the expert weights no longer matter
+    layer.static_path = static_path
+    torch.testing.assert_close(layer(x), dense)
+
+
+@pytest.mark.parametrize("static_path", ["fold", "shared"])
+def test_kappa_zero_gives_the_expert_weights_no_gradient(static_path: str) -> None:
+    layer = static_layer()
+    layer.static_path = static_path
+    out = layer(torch.randn(12, H, dtype=torch.float64))
+    grad_w1 = torch.autograd.grad(out.sum(), layer.w1)[0]
+    assert (grad_w1 == 0).all()  # the expert weights no longer matter
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.4])
@@ -183,15 +199,30 @@ def test_upcycling_with_noise_changes_the_experts_only() -> None:
 
 
 # ---- auxiliary losses ------------------------------------------------------------------------
-def test_aux_loss_value_and_padding_invariance() -> None:
+def aux_layer_and_input() -> tuple[MoE, torch.Tensor, torch.Tensor]:
+    """A layer with both auxiliary losses, an input of 2 x 5 tokens and its z-loss by hand."""
     layer = build(top_k=2, load_balance_coef=0.5, z_loss_coef=0.1)
     x = torch.randn(2, 5, H, dtype=torch.float64)
-    out = layer(x)
     logits = x.reshape(-1, H) @ layer.router.weight.t()
-    z = torch.logsumexp(logits, -1).square().mean()
+    return layer, x, torch.logsumexp(logits, -1).square().mean()
+
+
+def test_aux_loss_is_the_weighted_sum_of_z_loss_and_load_balance() -> None:
+    layer, x, z = aux_layer_and_input()
+    layer(x)
     torch.testing.assert_close(layer.aux_terms["z_loss"], z)
     torch.testing.assert_close(layer.aux_loss, 0.5 * layer.aux_terms["load_balance"] + 0.1 * z)
+
+
+def test_expert_counts_count_every_routed_slot() -> None:
+    layer, x, _ = aux_layer_and_input()
+    layer(x)
     assert int(layer.aux_terms["expert_counts"].sum()) == 2 * 5 * 2
+
+
+def test_padding_tokens_change_neither_outputs_nor_aux_losses() -> None:
+    layer, x, z = aux_layer_and_input()
+    out = layer(x)
     # append padding tokens (garbage values): real outputs and aux losses unchanged
     xp = torch.cat([x, 30 * torch.randn(2, 3, H, dtype=torch.float64)], dim=1)
     mask = torch.cat([torch.ones(2, 5), torch.zeros(2, 3)], dim=1).bool()
@@ -201,54 +232,104 @@ def test_aux_loss_value_and_padding_invariance() -> None:
     torch.testing.assert_close(layer.aux_loss, 0.5 * layer.aux_terms["load_balance"] + 0.1 * z)
 
 
-def test_aux_loss_helper_sums_layers_and_is_differentiable() -> None:
-    model = nn.Sequential(build(load_balance_coef=1.0), nn.Identity(), build(z_loss_coef=1.0))
-    assert aux_loss(model).item() == 0.0  # before any forward
+def two_moe_model() -> nn.Sequential:
+    return nn.Sequential(build(load_balance_coef=1.0), nn.Identity(), build(z_loss_coef=1.0))
+
+
+def test_aux_loss_is_zero_before_any_forward() -> None:
+    assert aux_loss(two_moe_model()).item() == 0.0
+
+
+def test_aux_losses_are_keyed_by_layer_name() -> None:
+    model = two_moe_model()
     model(torch.randn(8, H, dtype=torch.float64))
     assert set(aux_losses(model)) == {"0", "2"}
-    total = aux_loss(model)
-    torch.testing.assert_close(total, model[0].aux_loss + model[2].aux_loss)
-    (grad,) = torch.autograd.grad(total, model[0].router.weight)
+
+
+def test_aux_loss_helper_sums_the_layers() -> None:
+    model = two_moe_model()
+    model(torch.randn(8, H, dtype=torch.float64))
+    torch.testing.assert_close(aux_loss(model), model[0].aux_loss + model[2].aux_loss)
+
+
+def test_aux_loss_helper_is_differentiable_to_the_router() -> None:
+    model = two_moe_model()
+    model(torch.randn(8, H, dtype=torch.float64))
+    (grad,) = torch.autograd.grad(aux_loss(model), model[0].router.weight)
     assert grad.abs().sum() > 0
+
+
+def test_aux_loss_of_a_model_without_moe_is_a_scalar() -> None:
     assert aux_loss(nn.Linear(2, 2)).shape == ()
 
 
-def test_layer_level_ties_and_capacity_drops() -> None:
+def tied_layer() -> tuple[MoE, torch.Tensor]:
+    """All router logits tied (experts 0 and 1 for every token), capacity 1 per expert."""
     layer = build(top_k=2, capacity_factor=0.25)
     with torch.no_grad():
-        layer.router.weight.zero_()  # all logits tied: experts 0 and 1 for every token
-    x = torch.randn(8, H, dtype=torch.float64)
-    _, gates, experts, keep = layer.route(x)
+        layer.router.weight.zero_()
+    return layer, torch.randn(8, H, dtype=torch.float64)
+
+
+def test_tied_logits_pick_the_lowest_experts_with_equal_gates() -> None:
+    layer, x = tied_layer()
+    _, gates, experts, _ = layer.route(x)
     assert (experts == torch.tensor([0, 1])).all()
     torch.testing.assert_close(gates, torch.full_like(gates, 0.5))
+
+
+def test_capacity_keeps_the_first_tokens_of_each_expert() -> None:
+    layer, x = tied_layer()
+    _, _, _, keep = layer.route(x)
     cap = 1  # ceil(0.25 * 8 * 2 / 4): only token 0 gets an expert per slot
     assert keep[:, 0].tolist() == [True] + [False] * 7 and keep.sum() == 2 * cap
+
+
+def test_tokens_dropped_by_capacity_give_zero() -> None:
+    layer, x = tied_layer()
     out = layer(x)
     assert (out[1:] == 0).all() and out[0].abs().sum() > 0  # tokens with no expert give 0
 
 
-def test_router_noise_only_in_training() -> None:
-    for kind in ("jitter", "gaussian"):
-        layer = build(router_noise=kind, router_noise_std=1.0, top_k=1, num_experts=8)
-        x = torch.randn(64, H, dtype=torch.float64)
-        layer.eval()
-        torch.testing.assert_close(layer(x), layer(x))
-        torch.testing.assert_close(layer(x), per_token_moe(layer, x))
-        layer.train()
-        torch.manual_seed(3)
-        assert not torch.equal(layer(x), layer(x))
+def noisy_layer(kind: str) -> MoE:
+    return build(router_noise=kind, router_noise_std=1.0, top_k=1, num_experts=8)
 
 
-def test_state_dict_round_trip_and_stats() -> None:
+@pytest.mark.parametrize("kind", ["jitter", "gaussian"])
+def test_router_noise_is_off_in_eval(kind: str) -> None:
+    layer = noisy_layer(kind).eval()
+    x = torch.randn(64, H, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), layer(x))
+    torch.testing.assert_close(layer(x), per_token_moe(layer, x))
+
+
+@pytest.mark.parametrize("kind", ["jitter", "gaussian"])
+def test_router_noise_is_on_in_training(kind: str) -> None:
+    layer = noisy_layer(kind).train()
+    x = torch.randn(64, H, dtype=torch.float64)
+    torch.manual_seed(3)
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_state_dict_round_trip_keeps_the_function() -> None:
     layer = build(dynamic_ratio=0.25)
     other = build(dynamic_ratio=1.0)
     other.load_state_dict(layer.state_dict())
     x = torch.randn(5, H, dtype=torch.float64)
     torch.testing.assert_close(other(x), layer(x))
+
+
+def test_deepcopy_after_a_forward_drops_the_aux_loss_and_keeps_the_function() -> None:
+    layer = build(dynamic_ratio=0.25)
+    x = torch.randn(5, H, dtype=torch.float64)
+    layer(x)
     clone = copy.deepcopy(layer)  # after a forward: the graph-holding aux loss is not copied
     assert clone.aux_loss is None and isinstance(layer.aux_loss, torch.Tensor)
     torch.testing.assert_close(clone(x), layer(x))
-    stats = padnet.stats(layer)
+
+
+def test_stats_count_the_expert_weights() -> None:
+    stats = padnet.stats(build(dynamic_ratio=0.25))
     n1 = I * H
     by_name = {s.name: s for s in stats.layers}
     assert by_name["w1"].num_factors == E and by_name["w1"].numel == n1
@@ -256,11 +337,15 @@ def test_state_dict_round_trip_and_stats() -> None:
     assert stats.other_params == E * H + E * I + E * H + 2  # router, biases, two phi
 
 
-def test_low_precision_input() -> None:
+def test_bfloat16_input_gives_bfloat16_output_and_float32_aux_loss() -> None:
     layer = MoE(H, I, 4, 2).to(torch.bfloat16)
     out = layer(torch.randn(3, 4, H, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and out.shape == (3, 4, H)
     assert layer.aux_loss.dtype == torch.float32 and torch.isfinite(out.float()).all()
+
+
+def test_empty_input_gives_empty_output() -> None:
+    layer = MoE(H, I, 4, 2).to(torch.bfloat16)
     assert layer(torch.randn(0, H, dtype=torch.bfloat16)).shape == (0, H)
 
 
@@ -286,17 +371,21 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
         MoE(H, I, **{"num_experts": 4, **kwargs})
 
 
-def test_bad_inputs() -> None:
-    layer = MoE(H, I, 4, 2)
-    with pytest.raises(TypeError, match="activation"):
-        MoE(H, I, 4, 2, activation=3)
-    with pytest.raises(ValueError, match="hidden_size"):
-        MoE(0, I)
-    with pytest.raises(ValueError, match=r"\(\.\.\., 6\)"):
-        layer(torch.randn(3, H + 1))
-    with pytest.raises(ValueError, match="padding_mask"):
-        layer(torch.randn(2, 3, H), torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="not an FFN"):
-        MoE.from_dense(nn.Linear(H, I), nn.Linear(I, H + 1))
-    with pytest.raises(ValueError, match="init"):
-        MoE.from_dense(nn.Linear(H, I), nn.Linear(I, H), init="zeros")
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: MoE(H, I, 4, 2, activation=3), TypeError, "activation"),
+        (lambda: MoE(0, I), ValueError, "hidden_size"),
+        (lambda: MoE(H, I, 4, 2)(torch.randn(3, H + 1)), ValueError, r"\(\.\.\., 6\)"),
+        (lambda: MoE(H, I, 4, 2)(torch.randn(2, 3, H), torch.ones(2, 4, dtype=torch.bool)),
+         ValueError, "padding_mask"),
+        (lambda: MoE.from_dense(nn.Linear(H, I), nn.Linear(I, H + 1)), ValueError, "not an FFN"),
+        (lambda: MoE.from_dense(nn.Linear(H, I), nn.Linear(I, H), init="zeros"), ValueError,
+         "init"),
+    ],
+    ids=["activation-type", "hidden-size", "input-width", "padding-mask-shape",
+         "from-dense-not-ffn", "from-dense-init"],
+)
+def test_bad_inputs(call, error, match) -> None:
+    with pytest.raises(error, match=match):
+        call()
