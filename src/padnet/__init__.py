@@ -1,6 +1,7 @@
 """padnet: partially dynamic networks (PAD-Net) and conditional computation in PyTorch."""
 
 from padnet.convert import dynamize, stats
+from padnet.deploy import export
 from padnet.layers import (
     DynamicConv2d,
     ModeMask,
@@ -23,6 +24,7 @@ __all__ = [
     "__version__",
     "aux_loss",
     "dynamize",
+    "export",
     "partition_model",
     "set_scale_mode",
     "set_temperature",

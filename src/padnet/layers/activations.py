@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "resolve_activation"]
+__all__ = ["ACTIVATIONS", "activation_key", "resolve_activation"]
 
 #: Activations by name; ``gelu`` is the exact (erf) GELU of PyTorch and Hugging Face BERT.
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -39,3 +39,22 @@ def resolve_activation(
         activation = copy.copy(activation)
         activation.inplace = False
     return type(activation).__name__, activation
+
+
+#: Module classes (by class name) whose function is one of :data:`ACTIVATIONS`.
+_MODULE_KEYS = {"ReLU": "relu", "SiLU": "silu", "Tanh": "tanh", "GELUActivation": "gelu",
+                "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
+                "SiLUActivation": "silu"}
+
+
+def activation_key(activation: Callable[[Tensor], Tensor]) -> str | None:
+    """The :data:`ACTIVATIONS` name computing the same function as ``activation`` (a function of
+    the table, or a known parameter-free module), or None when there is none."""
+    for name, fn in ACTIVATIONS.items():
+        if activation is fn:
+            return name
+    if isinstance(activation, nn.GELU):
+        return "gelu" if activation.approximate == "none" else "gelu_tanh"
+    if isinstance(activation, nn.Module) and not any(True for _ in activation.parameters()):
+        return _MODULE_KEYS.get(type(activation).__name__)
+    return None

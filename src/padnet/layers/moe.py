@@ -227,38 +227,17 @@ class MoE(PadLayer):
         return self.experts_forward(x2, gates, experts, keep).view(x.shape)
 
     def _valid(self, x: Tensor, padding_mask: Tensor | None) -> Tensor | None:
-        if padding_mask is None:
-            hint = self.padding_mask_hint
-            if hint is None or tuple(hint.shape) != tuple(x.shape[:-1]):
-                return None
-            padding_mask = hint
-        elif tuple(padding_mask.shape) != tuple(x.shape[:-1]):
-            raise ValueError(
-                f"padding_mask must have shape {tuple(x.shape[:-1])} (x.shape[:-1]), "
-                f"got {tuple(padding_mask.shape)}"
-            )
-        return padding_mask.reshape(-1).to(device=x.device) != 0
+        return rt.valid_tokens(x, padding_mask, self.padding_mask_hint)
 
     def route(
         self, x: Tensor, valid: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Router of ``x`` ``(N, H)``: ``(logits (N, E) fp32, gates (N, k), experts (N, k),
         keep (N, k) bool or None when dropless)``."""
-        std = self.router_noise_std
-        noisy = self.training and self.router_noise is not None and std > 0
-        r_in = x
-        if noisy and self.router_noise == "jitter":
-            r_in = rt.add_router_noise(x, "jitter", std)
-        logits = rt.router_logits(r_in, self.router.weight)
-        if noisy and self.router_noise == "gaussian":
-            logits = rt.add_router_noise(logits, "gaussian", std)
-        gates, experts = rt.top_k_gating(logits, self.top_k)
-        keep = None
-        if self.capacity_factor is not None:
-            tokens = x.shape[0] if valid is None else int(valid.sum())
-            cap = rt.expert_capacity(tokens, self.top_k, self.num_experts, self.capacity_factor)
-            keep = rt.capacity_keep(experts, self.num_experts, cap, valid)
-        return logits, gates, experts, keep
+        noise = self.router_noise if self.training else None
+        return rt.route_tokens(x, self.router.weight, self.top_k,
+                               capacity_factor=self.capacity_factor, valid=valid, noise=noise,
+                               noise_std=self.router_noise_std)
 
     def _store_aux(
         self, logits: Tensor, experts: Tensor, keep: Tensor | None, valid: Tensor | None

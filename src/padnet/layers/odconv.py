@@ -21,7 +21,22 @@ from padnet.layers.protocol import ThetaTerms
 from padnet.layers.routing import ODAttention, ODConvRouter
 from padnet.ops.conv import aggregate_weights
 
-__all__ = ["ODConv2d"]
+__all__ = ["ODConv2d", "attention_tensor"]
+
+
+def attention_tensor(
+    att: ODAttention, out_channels: int, in_channels: int, groups: int,
+    kernel_size: tuple[int, int],
+) -> Tensor:
+    """ODConv's filter, input-channel and spatial attentions multiplied and broadcast to the
+    kernel shape ``(B, C_out, C_in/g, kh, kw)``."""
+    b, g = att.kernel.shape[0], groups
+    c_out, c_in = out_channels, in_channels
+    kh, kw = kernel_size
+    # input-channel attention of group j belongs to output channels of group j
+    chan = att.channel.view(b, g, 1, c_in // g).expand(b, g, c_out // g, c_in // g)
+    chan = chan.reshape(b, c_out, c_in // g, 1, 1)
+    return att.filter.view(b, c_out, 1, 1, 1) * chan * att.spatial.view(b, 1, 1, kh, kw)
 
 
 class ODConv2d(PadConv2d):
@@ -108,13 +123,8 @@ class ODConv2d(PadConv2d):
 
     def attention_tensor(self, att: ODAttention) -> Tensor:
         """Product ``a_f * a_c * a_s`` broadcast to ``(B, C_out, C_in/g, kh, kw)``."""
-        b, g = att.kernel.shape[0], self.groups
-        c_out, c_in = self.out_channels, self.in_channels
-        kh, kw = self.kernel_size
-        # input-channel attention of group j belongs to output channels of group j
-        chan = att.channel.view(b, g, 1, c_in // g).expand(b, g, c_out // g, c_in // g)
-        chan = chan.reshape(b, c_out, c_in // g, 1, 1)
-        return att.filter.view(b, c_out, 1, 1, 1) * chan * att.spatial.view(b, 1, 1, kh, kw)
+        return attention_tensor(att, self.out_channels, self.in_channels, self.groups,
+                                self.kernel_size)
 
     def sample_weights(self, routing: ODAttention) -> Tensor:
         return self.mode_mask.combine(self.theta_hat(routing), self.static_weight)

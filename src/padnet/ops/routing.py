@@ -27,9 +27,11 @@ __all__ = [
     "check_routing_args",
     "expert_capacity",
     "load_balancing_loss",
+    "route_tokens",
     "router_logits",
     "router_z_loss",
     "top_k_gating",
+    "valid_tokens",
 ]
 
 #: Router noise in training: multiplicative input jitter (Switch) or additive Gaussian logit noise.
@@ -180,3 +182,40 @@ def router_z_loss(logits: Tensor, valid: Tensor | None = None) -> Tensor:
     """Router z-loss ``mean(logsumexp(logits)^2)`` over valid tokens; ``logits`` ``(N, E)``."""
     z = torch.logsumexp(logits, dim=-1).square()
     return _valid_mean(z, valid)
+
+
+def valid_tokens(
+    x: Tensor, padding_mask: Tensor | None, hint: Tensor | None = None
+) -> Tensor | None:
+    """``(N,)`` bool, True for real tokens of ``x (..., H)``, from ``padding_mask`` (shape
+    ``x.shape[:-1]``, True/1 = real), else from ``hint`` when its shape fits; None: all real."""
+    if padding_mask is None:
+        if hint is None or tuple(hint.shape) != tuple(x.shape[:-1]):
+            return None
+        padding_mask = hint
+    elif tuple(padding_mask.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"padding_mask must have shape {tuple(x.shape[:-1])} (x.shape[:-1]), "
+                         f"got {tuple(padding_mask.shape)}")
+    return padding_mask.reshape(-1).to(device=x.device) != 0
+
+
+def route_tokens(
+    x: Tensor, router_weight: Tensor, top_k: int, *, capacity_factor: float | None = None,
+    valid: Tensor | None = None, noise: str | None = None, noise_std: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Route tokens ``x (N, H)`` with ``router_weight (E, H)``: ``(logits (N, E) fp32, gates
+    (N, k), experts (N, k), keep (N, k) bool or None when dropless)``. ``noise`` (``'jitter'``
+    on the router input or ``'gaussian'`` on the logits, std ``noise_std``) is for training."""
+    noisy = noise is not None and noise_std > 0
+    r_in = add_router_noise(x, "jitter", noise_std) if noisy and noise == "jitter" else x
+    logits = router_logits(r_in, router_weight)
+    if noisy and noise == "gaussian":
+        logits = add_router_noise(logits, "gaussian", noise_std)
+    gates, experts = top_k_gating(logits, top_k)
+    keep = None
+    if capacity_factor is not None:
+        num_experts = router_weight.shape[0]
+        tokens = x.shape[0] if valid is None else int(valid.sum())
+        cap = expert_capacity(tokens, top_k, num_experts, capacity_factor)
+        keep = capacity_keep(experts, num_experts, cap, valid)
+    return logits, gates, experts, keep

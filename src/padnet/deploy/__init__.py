@@ -1,0 +1,9 @@
+"""Deployment: fold a trained PAD model into its compact inference form (docs/method.md §5)."""
+
+from padnet.deploy.compact import pack, unpack
+from padnet.deploy.conv import DEPLOY_PATHS, DeployedConv2d
+from padnet.deploy.export import DEPLOYED_TYPES, export, register_deployer
+from padnet.deploy.moe import DeployedMoE
+
+__all__ = ["DEPLOYED_TYPES", "DEPLOY_PATHS", "DeployedConv2d", "DeployedMoE", "export", "pack",
+           "register_deployer", "unpack"]

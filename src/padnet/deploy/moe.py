@@ -1,0 +1,119 @@
+"""``DeployedMoE``: the deployment form of a (PAD-)MoE layer (docs/method.md §5).
+
+The scale factors and masks are folded: each expert's effective weights
+``W_e(eff) = lam_d M * W_e + lam_s (1 - M) * W_s`` are constants, so the deployed layer runs exactly
+like a plain MoE with those experts (the static part joins each expert's weight once, at load
+time, as the training form's ``fold`` path does at every step). Stored is the compact form of
+:mod:`padnet.deploy.compact`: ``lam_s (1 - M) W_s`` at the static positions and ``lam_d M W_e``
+at the dynamic ones, per matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from padnet.deploy.compact import blank_mask_bits, pack, unpack
+from padnet.layers.activations import ACTIVATIONS, activation_key
+from padnet.layers.moe import MoE
+from padnet.ops import dispatch as dsp
+from padnet.ops import routing as rt
+
+__all__ = ["DeployedMoE"]
+
+_MATRICES = ("w1", "w2")
+
+
+class DeployedMoE(nn.Module):
+    """Inference form of :class:`~padnet.layers.MoE`; build it with :meth:`from_layer`.
+
+    ``DeployedMoE(spec, activation=None)`` makes an empty one for loading a state dict; the
+    activation comes from ``spec['activation']`` (a name of ``ACTIVATIONS``) unless given.
+    ``forward(x (..., hidden), padding_mask=None) -> (..., hidden)``; ``aux_loss`` stays None.
+    """
+
+    def __init__(self, spec: dict[str, Any], activation: Any = None) -> None:
+        super().__init__()
+        self.spec = dict(spec)
+        s = self.spec
+        h, i, e = s["hidden_size"], s["intermediate_size"], s["num_experts"]
+        self.hidden_size, self.intermediate_size, self.num_experts = h, i, e
+        self.top_k, self.capacity_factor = s["top_k"], s["capacity_factor"]
+        if activation is None:
+            if s.get("activation") not in ACTIVATIONS:
+                raise ValueError(f"activation {s.get('activation')!r} is not a known name: "
+                                 "pass the activation module")
+            activation = ACTIVATIONS[s["activation"]]
+        self.act = activation
+        self.router = nn.Linear(h, e, bias=False)
+        self.shapes = {"w1": (i, h), "w2": (h, i)}
+        for m in _MATRICES:
+            n, nd = math.prod(self.shapes[m]), s[f"{m}_num_dynamic"]
+            self.register_buffer(f"{m}_mask_bits", blank_mask_bits(n, nd))
+            self.register_buffer(f"{m}_dynamic_values", torch.zeros(e, nd))
+            self.register_buffer(f"{m}_static_values", torch.zeros(n - nd))
+        self.register_buffer("b1", torch.zeros(e, i) if s["bias"] else None)
+        self.register_buffer("b2", torch.zeros(e, h) if s["bias"] else None)
+        self.padding_mask_hint: Tensor | None = None
+        self.aux_loss = None
+        self.register_load_state_dict_post_hook(lambda module, _: module.rebuild())
+        self.rebuild()
+
+    @classmethod
+    @torch.no_grad()
+    def from_layer(cls, layer: MoE) -> DeployedMoE:
+        """Fold a trained :class:`MoE` (its masks, scale factors, biases, router)."""
+        spec = {"hidden_size": layer.hidden_size, "intermediate_size": layer.intermediate_size,
+                "num_experts": layer.num_experts, "top_k": layer.top_k,
+                "capacity_factor": layer.capacity_factor, "bias": layer.b1 is not None,
+                "activation": activation_key(layer.act)}
+        stored = {}
+        for w in layer.pad_weights():
+            mm = w.mode_mask
+            lam_d, lam_s = (float(v.detach()) for v in mm.scales())
+            mask = mm.mask.to(w.dynamic.device)
+            stored[w.name] = pack(w.dynamic * lam_d * mask, w.static * lam_s * ~mask, mask)
+            spec[f"{w.name}_num_dynamic"] = int(mask.sum())
+        out = cls(spec, activation=layer.act).to(device=layer.w1.device, dtype=layer.w1.dtype)
+        out.router.weight.copy_(layer.router.weight)
+        for m in _MATRICES:
+            for key, value in stored[m].items():
+                getattr(out, f"{m}_{key}").copy_(value)
+        if layer.b1 is not None:
+            out.b1.copy_(layer.b1)
+            out.b2.copy_(layer.b2)
+        out.rebuild()
+        return out.eval()
+
+    @torch.no_grad()
+    def rebuild(self) -> None:
+        """Effective expert weights ``(E, out, in)`` from the stored form (not saved)."""
+        for m in _MATRICES:
+            stored = {k: getattr(self, f"{m}_{k}") for k in
+                      ("mask_bits", "dynamic_values", "static_values")}
+            dynamic, static, _ = unpack(stored, self.shapes[m])
+            self.register_buffer(f"{m}_effective", (dynamic + static).contiguous(),
+                                 persistent=False)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"expected x of shape (..., {self.hidden_size}), got "
+                             f"{tuple(x.shape)}")
+        valid = rt.valid_tokens(x, padding_mask, self.padding_mask_hint)
+        x2 = x.reshape(-1, self.hidden_size)  # (N, H)
+        _, gates, experts, keep = rt.route_tokens(
+            x2, self.router.weight, self.top_k, capacity_factor=self.capacity_factor,
+            valid=valid)
+        d = dsp.sort_by_expert(experts, self.num_experts, keep)
+        xs = x2.index_select(0, d.token)  # (A, H)
+        m1 = (self.w1_effective, None, None, self.b1)
+        m2 = (self.w2_effective, None, None, self.b2)
+        y = dsp.grouped_ffn(xs, d, m1, m2, self.act)  # (A, H)
+        return dsp.combine(y, d, gates, inplace=True).view(x.shape)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+                f"num_experts={self.num_experts}, top_k={self.top_k}")
