@@ -20,8 +20,8 @@ def test_variants_share_everything_but_method_ratio_and_imp(tmp_path):
                              "interleaved", "--lr", "0.02"])
     static, dynamic, pad = (variant_config(cfg, v, tmp_path) for v in ("static", "dynamic",
                                                                         "pad"))
-    assert (static.method, static.imp_mode) == ("none", "none")
-    assert (dynamic.method, dynamic.dynamic_ratio, dynamic.imp_mode) == ("dyconv", 1.0, "none")
+    assert (static.method, static.imp.mode) == ("none", "none")
+    assert (dynamic.method, dynamic.dynamic_ratio, dynamic.imp.mode) == ("dyconv", 1.0, "none")
     assert pad.replace(out_dir=cfg.out_dir) == cfg
     assert {static.lr, dynamic.lr, pad.lr} == {0.02}
     assert pad.out_dir == str(tmp_path / "pad")

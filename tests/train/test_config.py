@@ -46,7 +46,7 @@ def test_unknown_keys_list_the_valid_ones(tmp_path, source):
         (["--lr", "fast"], "lr expects a number, got 'fast'"),
         (["--epochs", "2.5"], "epochs expects an integer, got '2.5'"),
         (["--pretrained", "maybe"], "pretrained expects true or false"),
-        (["--epochs", "0"], "epochs must be >= 1, got 0"),
+        (["--epochs", "0"], "epochs must be an int >= 1, got 0"),
         (["--imp-mode", "oneshot"], "imp_mode='oneshot' needs a dynamic method"),
         (["--top-k", "3", "--num-experts", "2"], "top_k must be <= num_experts (2)"),
         (["--imp-score", "psychic"], "imp_score must be one of"),

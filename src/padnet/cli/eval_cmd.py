@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     import padnet
     from padnet.train.build import load_run
     from padnet.train.distributed import resolve_device
-    from padnet.train.loop import evaluate
+    from padnet.train.step import evaluate
     from padnet.utils.io import save_json
 
     loaded = load_run(args.run_dir, overrides=args.overrides, checkpoint=args.checkpoint)

@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _model(args: argparse.Namespace) -> tuple:
     from padnet.train import load_config
     from padnet.train.build import build_data, build_model, load_run
-    from padnet.train.loop import seed_everything
+    from padnet.train.step import seed_everything
 
     if args.run_dir is not None:
         loaded = load_run(args.run_dir, overrides=args.overrides)
@@ -54,29 +54,23 @@ def run(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     import padnet
-    from padnet.layers.pad import pad_modules
-    from padnet.partition import partition
-    from padnet.train.distributed import EpochSampler
-    from padnet.train.loop import Trainer, evaluate
+    from padnet.layers import mode_masks
+    from padnet.train.imp import run_partition, scoring_loader
+    from padnet.train.step import evaluate
     from padnet.utils.io import atomic_write, save_json, save_safetensors
 
     cfg, model, splits, info = _model(args)
-    if not pad_modules(model):
+    if not mode_masks(model):
         raise ValueError("the model has no PAD layers: its config has method 'none'")
     out = args.out if args.out is not None else Path(cfg.out_dir) / "partition"
-    order = EpochSampler(len(splits.train), seed=cfg.seed + 7919)  # same batches every pass
-    loader = DataLoader(splits.train, batch_size=cfg.batch_size, sampler=order,
-                        collate_fn=splits.collate, drop_last=len(splits.train) > cfg.batch_size)
+    loader = scoring_loader(splits.train, batch_size=cfg.batch_size, collate=splits.collate,
+                            seed=cfg.seed)
     val = DataLoader(splits.val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                      collate_fn=splits.collate) if args.eval and splits.val else None
     device = torch.device("cpu")
     if val is not None:
         before = evaluate(model, val, splits.num_classes, device)["acc"]
-    result = partition(
-        model, loader, dynamic_ratio=cfg.dynamic_ratio, loss_fn=Trainer._imp_loss,
-        iterations=cfg.imp_iterations, schedule=cfg.imp_schedule, scope=cfg.imp_scope,
-        granularity=cfg.imp_granularity, score=cfg.imp_score, static_init=cfg.imp_static_init,
-        num_batches=cfg.imp_num_batches, bn_mode="eval", seed=cfg.seed)
+    result = run_partition(model, loader, cfg)
     print(result)
     print()
     print(padnet.stats(model))
@@ -86,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     out_cfg = cfg.replace(imp_mode="none", out_dir=str(out))
     meta = {"padnet_config": json.dumps(out_cfg.to_dict()), "padnet_model_info": json.dumps(info)}
     save_safetensors(out / "model.safetensors", model.state_dict(), meta)
-    masks = {f"{name}.mask": m.mask for name, m in pad_modules(model)}
+    masks = {f"{name}.mask": m.mask for name, m in mode_masks(model)}
     save_safetensors(out / "masks.safetensors", masks)
     save_json(out / "partition.json", result.to_dict())
     text = out_cfg.to_yaml()

@@ -14,16 +14,20 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from padnet.train.config import TrainConfig
 
 __all__ = [
-    "CONV_METHODS",
+    "apply_method",
     "batch_inputs",
+    "build_base_model",
     "build_data",
+    "build_loader",
     "build_model",
     "build_optimizer",
     "hf_model_path",
+    "input_channels",
     "is_text_model",
     "load_run",
     "lr_at",
@@ -31,7 +35,6 @@ __all__ = [
     "run_weights",
 ]
 
-CONV_METHODS = ("dyconv", "condconv", "odconv")
 MINILM = "minilm"
 
 
@@ -82,6 +85,75 @@ def _hf_model(cfg: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module
     return AutoModelForSequenceClassification.from_config(config)
 
 
+def input_channels(cfg: TrainConfig, splits: Any) -> int | None:
+    """Input channels of the model: ``in_chans``, else those of the data (None for text)."""
+    return cfg.in_chans or (splits.input_shape[0] if splits.input_shape else None)
+
+
+def build_base_model(
+    cfg: TrainConfig, *, num_classes: int, in_chans: int | None = None,
+    pretrained: bool | None = None,
+) -> nn.Module:
+    """The config's model before conversion (``pretrained`` defaults to ``cfg.pretrained``)."""
+    pretrained = cfg.pretrained if pretrained is None else pretrained
+    target = _method_target(cfg)
+    if is_text_model(cfg):
+        if target == "conv":
+            raise ValueError(f"method {cfg.method!r} converts convolutions; a text model takes "
+                             f"method {' or '.join(repr(m) for m in _methods('ffn'))} or 'none'")
+        return _hf_model(cfg, num_classes, pretrained)
+    if target == "ffn":
+        raise ValueError(f"method {cfg.method!r} converts transformer FFNs; {cfg.model!r} is a "
+                         f"convolutional model (use {', '.join(_methods('conv'))})")
+    from padnet.models import create_model
+
+    kwargs = {k: v for k, v in (("width", cfg.width), ("width_mult", cfg.width_mult))
+              if v is not None}
+    try:
+        return create_model(cfg.model, num_classes=num_classes, in_chans=in_chans or 3,
+                            pretrained=pretrained, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"model {cfg.model!r} does not take {sorted(kwargs)}: {err}") from None
+
+
+def _method_target(cfg: TrainConfig) -> str | None:
+    from padnet.convert import get_method
+
+    return None if cfg.method == "none" else get_method(cfg.method).target
+
+
+def _methods(target: str) -> list[str]:
+    from padnet.convert import method_names
+
+    return method_names(target)
+
+
+def apply_method(cfg: TrainConfig, model: nn.Module, *,
+                 dynamic_ratio: float | None = None) -> nn.Module:
+    """``model`` converted in place with ``cfg.method`` and its keys (unchanged for 'none').
+
+    ``dynamic_ratio`` is the initial kappa of the PAD layers (default: 1 when IMP will
+    partition, else ``cfg.dynamic_ratio``, a random mask).
+    """
+    import padnet
+    from padnet.convert import get_method
+
+    if cfg.method == "none":
+        return model
+    method = get_method(cfg.method)
+    if dynamic_ratio is None:
+        dynamic_ratio = 1.0 if cfg.imp.mode != "none" else cfg.dynamic_ratio
+    kwargs: dict[str, Any] = {"dynamic_ratio": dynamic_ratio, "scale_mode": cfg.scale_mode}
+    if method.target == "conv":
+        kwargs["num_kernels"] = cfg.num_kernels
+    elif method.target == "ffn":
+        kwargs.update(num_experts=cfg.num_experts, top_k=cfg.top_k, layers=cfg.moe_layers)
+    if method.anneals_temperature:
+        kwargs["temperature"] = cfg.temperature_start
+    return padnet.dynamize(model, cfg.method, include=cfg.include, exclude=cfg.exclude,
+                           init=cfg.init, **kwargs)
+
+
 def build_model(
     cfg: TrainConfig, *, num_classes: int, in_chans: int | None = None,
     pretrained: bool | None = None, dynamic_ratio: float | None = None,
@@ -89,42 +161,22 @@ def build_model(
     """The config's model (in train mode), converted with ``cfg.method``.
 
     ``pretrained`` (default ``cfg.pretrained``) is switched off when weights are loaded
-    afterwards anyway. ``dynamic_ratio`` is the initial kappa of the PAD layers (default: 1
-    when IMP will partition, else ``cfg.dynamic_ratio``, a random mask).
+    afterwards anyway; ``dynamic_ratio`` as in :func:`apply_method`.
     """
-    import padnet
+    model = build_base_model(cfg, num_classes=num_classes, in_chans=in_chans,
+                             pretrained=pretrained)
+    return apply_method(cfg, model, dynamic_ratio=dynamic_ratio)
 
-    pretrained = cfg.pretrained if pretrained is None else pretrained
-    if is_text_model(cfg):
-        if cfg.method in CONV_METHODS:
-            raise ValueError(f"method {cfg.method!r} converts convolutions; a text model takes "
-                             "method 'moe' or 'none'")
-        model = _hf_model(cfg, num_classes, pretrained)
-    else:
-        if cfg.method == "moe":
-            raise ValueError(f"method 'moe' converts transformer FFNs; {cfg.model!r} is a "
-                             "convolutional model (use dyconv, condconv or odconv)")
-        from padnet.models import create_model
 
-        kwargs = {k: v for k, v in (("width", cfg.width), ("width_mult", cfg.width_mult))
-                  if v is not None}
-        try:
-            model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans or 3,
-                                 pretrained=pretrained, **kwargs)
-        except TypeError as err:
-            raise ValueError(f"model {cfg.model!r} does not take {sorted(kwargs)}: {err}") \
-                from None
-    if cfg.method == "none":
-        return model
-    if dynamic_ratio is None:
-        dynamic_ratio = 1.0 if cfg.imp_mode != "none" else cfg.dynamic_ratio
-    layer_kw: dict[str, Any] = {"dynamic_ratio": dynamic_ratio, "scale_mode": cfg.scale_mode}
-    if cfg.method == "moe":
-        layer_kw.update(num_experts=cfg.num_experts, top_k=cfg.top_k, layers=cfg.moe_layers)
-    elif cfg.method != "condconv":
-        layer_kw["temperature"] = cfg.temperature_start
-    return padnet.dynamize(model, cfg.method, num_kernels=cfg.num_kernels, init=cfg.init,
-                           **layer_kw)
+def build_loader(
+    dataset: Any, *, batch_size: int, sampler: Any, collate: Any, drop_last: bool = False,
+    num_workers: int = 0, seed: int = 0, pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader with its own seeded generator (the global RNG stays untouched)."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      collate_fn=collate, num_workers=num_workers, generator=gen,
+                      pin_memory=pin_memory)
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -221,9 +273,8 @@ def load_run(
         info = json.loads((f.metadata() or {}).get("padnet_model_info", "{}"))
     splits = build_data(cfg) if with_data or "num_classes" not in info else None
     if splits is not None:
-        in_chans = cfg.in_chans or (splits.input_shape[0] if splits.input_shape else None)
-        info = {**info, "num_classes": splits.num_classes, "in_chans": in_chans,
-                "kind": splits.kind}
+        info = {**info, "num_classes": splits.num_classes,
+                "in_chans": input_channels(cfg, splits), "kind": splits.kind}
     model = build_model(cfg, num_classes=info["num_classes"], in_chans=info.get("in_chans"),
                         pretrained=False, dynamic_ratio=1.0)
     try:

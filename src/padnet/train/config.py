@@ -1,132 +1,163 @@
-"""``TrainConfig``: one flat set of training options, read from YAML and ``--key value`` flags.
+"""``TrainConfig``: the options of a training run, read from YAML and ``--key value`` flags.
 
-Every key of a YAML config is a field of :class:`TrainConfig` and can be overridden on the
-command line (``--lr 0.05``, ``--dynamic-ratio=0.3``; dashes and underscores are equivalent).
-Strings are converted with the field's type; ``none``/``null`` give None where a field allows it;
-lists are written ``0,2,4``. Unknown keys and bad values raise ValueError naming the key, the
-value and what is allowed.
+The keys are flat: every YAML key is a config key and a command-line flag (``--lr 0.05``,
+``--dynamic-ratio=0.3``, ``--imp-score taylor``; dashes and underscores are equivalent). Related
+options live in nested groups of the dataclass (``cfg.imp.score``) whose flat keys carry the
+group's prefix (``imp_score``): :meth:`TrainConfig.from_dict` maps them into the group and
+:meth:`TrainConfig.to_dict` flattens them back. Strings are converted with the field's type
+(:mod:`padnet.train.coerce`). Unknown keys and bad values raise ValueError naming the key, the
+value and what is allowed; the allowed strings come from the tables that define them
+(:func:`config_choices`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
+import functools
 import typing
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHOICES", "TrainConfig", "load_config", "parse_overrides"]
+from padnet.train.coerce import coerce
+from padnet.utils.checks import check_choice, check_int, check_number, check_optional, check_ratio
 
-#: allowed values of string-valued keys (the ``imp_*`` ones come from :mod:`padnet.partition`)
-CHOICES: dict[str, tuple[str, ...]] = {
-    "method": ("none", "dyconv", "condconv", "odconv", "moe"),
-    "imp_mode": ("none", "oneshot", "interleaved"),
-    "imp_schedule": ("exponential", "linear"),
-    "imp_scope": ("global", "layer"),
-    "optimizer": ("sgd", "adamw"),
-    "schedule": ("cosine", "linear", "constant"),
-    "amp": ("none", "bf16", "fp16"),
-    "scale_mode": ("both", "s", "d", "none", "prune"),
-    "init": ("copy", "copy_noise", "kaiming"),
-}
+__all__ = ["AMP_MODES", "IMP_MODES", "LR_SCHEDULES", "OPTIMIZERS", "ConfigKey", "ImpConfig",
+           "TrainConfig", "config_choices", "load_config", "parse_overrides"]
+
+IMP_MODES = ("none", "oneshot", "interleaved")
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A field with a help text (shown by ``padnet train --help``)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ImpConfig:
+    """Iterative mode partition options: the ``imp_*`` keys (``imp_score`` is ``score``)."""
+
+    mode: str = _opt("none", "none, oneshot (before training) or interleaved (during training)")
+    iterations: int = _opt(5, "IMP iterations (kappa decreases over them)")
+    warmup_fraction: float = _opt(0.3, "interleaved IMP runs over this fraction of the steps")
+    num_batches: int = _opt(4, "scoring batches per IMP iteration")
+    score: str = _opt("taylor", "importance score of the positions")
+    granularity: str = _opt("element", "partition single weights or whole channels")
+    schedule: str = _opt("exponential", "decrease of kappa over the iterations")
+    scope: str = _opt("global", "rank positions over the whole model or per layer")
+    static_init: str = _opt("keep", "value given to positions that become static")
 
 
 @dataclass
 class TrainConfig:
-    """All options of a training run (flat; each key is also a ``--key`` flag)."""
+    """All options of a training run (each flat key is also a ``--key`` flag)."""
 
     # model
-    model: str = "resnet8"  # registry name (`padnet list`), "minilm", or a Hugging Face model dir
-    pretrained: bool = False
-    width: int | None = None  # ResNet width (None: the model's default)
-    width_mult: float | None = None  # MobileNetV2 width multiplier
-    in_chans: int | None = None  # None: from the data
-    method: str = "none"  # none, dyconv, condconv, odconv, moe
-    num_kernels: int = 4
-    num_experts: int = 8
-    top_k: int = 2
-    moe_layers: list[int] | None = None  # FFN blocks to convert (None: all)
-    init: str = "copy"  # dynamize init: copy, copy_noise, kaiming
-    dynamic_ratio: float = 1.0  # kappa; below 1 without IMP the mask is random
-    scale_mode: str = "both"
-    temperature_start: float = 30.0
-    temperature_end: float = 1.0
-    temperature_anneal_epochs: float = 10.0
-    aux_weight: float = 1.0  # weight of the MoE auxiliary losses
-    # iterative mode partition
-    imp_mode: str = "none"  # none, oneshot (before training), interleaved (during training)
-    imp_iterations: int = 5
-    imp_warmup_fraction: float = 0.3  # interleaved IMP runs over this fraction of the steps
-    imp_num_batches: int = 4  # scoring batches per IMP iteration
-    imp_score: str = "taylor"
-    imp_granularity: str = "element"
-    imp_schedule: str = "exponential"
-    imp_scope: str = "global"
-    imp_static_init: str = "keep"
+    model: str = _opt("resnet8", "registry name (`padnet list`), minilm, or a Hugging Face "
+                      "model directory")
+    pretrained: bool = _opt(False, "load pretrained weights")
+    width: int | None = _opt(None, "ResNet width (none: the model's default)")
+    width_mult: float | None = _opt(None, "MobileNetV2 width multiplier")
+    in_chans: int | None = _opt(None, "input channels of the model (none: from the data)")
+    method: str = _opt("none", "conversion method (`padnet list`) or none")
+    num_kernels: int = _opt(4, "kernels per dynamic convolution")
+    num_experts: int = _opt(8, "experts per MoE layer")
+    top_k: int = _opt(2, "experts per token")
+    moe_layers: list[int] | None = _opt(None, "FFN blocks to convert (none: all)")
+    include: list[str] | None = _opt(None, "fnmatch patterns of module names to convert")
+    exclude: list[str] | None = _opt(None, "fnmatch patterns of module names to keep static")
+    init: str = _opt("copy", "initialisation of the dynamic weights")
+    dynamic_ratio: float = _opt(1.0, "kappa, the dynamic fraction; below 1 without IMP the "
+                                "mask is random")
+    scale_mode: str = _opt("both", "scale factors of the static and dynamic parts")
+    temperature_start: float = _opt(30.0, "router temperature at the start")
+    temperature_end: float = _opt(1.0, "router temperature after annealing")
+    temperature_anneal_epochs: float = _opt(10.0, "epochs of temperature annealing")
+    aux_weight: float = _opt(1.0, "weight of the MoE auxiliary losses")
+    # iterative mode partition (keys imp_mode, imp_iterations, ...)
+    imp: ImpConfig = field(default_factory=ImpConfig)
     # data
-    dataset: str = "fashion_mnist"
-    data_root: str | None = None
-    subset: int | None = None
-    val_fraction: float = 0.1
-    test_fraction: float = 0.0
-    image_size: int | None = None
-    channels: int | None = None
-    max_length: int = 128
-    text_column: str = "text"
-    label_column: str = "label"
-    batch_size: int = 128
-    eval_batch_size: int | None = None  # None: 2 * batch_size
-    num_workers: int = 0
+    dataset: str = _opt("fashion_mnist", "data set name (`padnet list`)")
+    data_root: str | None = _opt(None, "data directory or file")
+    subset: int | None = _opt(None, "use only this many training examples")
+    val_fraction: float = _opt(0.1, "fraction of the training data held out for validation")
+    test_fraction: float = _opt(0.0, "fraction held out for testing (data without a test split)")
+    image_size: int | None = _opt(None, "resize images to this side length")
+    channels: int | None = _opt(None, "convert images to this many channels")
+    max_length: int = _opt(128, "tokens per text")
+    text_column: str = _opt("text", "text column of a CSV data set")
+    label_column: str = _opt("label", "label column of a CSV data set")
+    batch_size: int = _opt(128, "examples per optimizer step (per process)")
+    eval_batch_size: int | None = _opt(None, "evaluation batch size (none: 2 * batch_size)")
+    num_workers: int = _opt(0, "data loader worker processes")
     # optimisation
-    optimizer: str = "sgd"  # sgd, adamw
-    lr: float = 0.1
-    min_lr: float = 0.0
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    epochs: int = 10
-    schedule: str = "cosine"  # cosine, linear, constant (after warm-up)
-    warmup_epochs: float = 0.0
-    warmup_steps: int = 0  # > 0 overrides warmup_epochs
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
-    label_smoothing: float = 0.0
-    amp: str = "none"  # none, bf16, fp16 (CUDA only; ignored on CPU)
+    optimizer: str = _opt("sgd", "optimizer")
+    lr: float = _opt(0.1, "peak learning rate")
+    min_lr: float = _opt(0.0, "learning rate at the end of the schedule")
+    weight_decay: float = _opt(5e-4, "weight decay (not on biases and norms)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    epochs: int = _opt(10, "training epochs")
+    schedule: str = _opt("cosine", "learning-rate decay after the warm-up")
+    warmup_epochs: float = _opt(0.0, "epochs of linear learning-rate warm-up")
+    warmup_steps: int = _opt(0, "warm-up steps (> 0 overrides warmup_epochs)")
+    grad_clip: float = _opt(0.0, "max gradient norm (0: off)")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy")
+    amp: str = _opt("none", "mixed precision (CUDA only; ignored on CPU)")
     # run
-    seed: int = 0
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    out_dir: str = "runs/run"
-    eval_every: int = 1  # epochs
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = at each epoch end only
-    stop_after: int = 0  # stop as if interrupted after this many steps (0 = never)
+    seed: int = _opt(0, "random seed")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    out_dir: str = _opt("runs/run", "run directory")
+    eval_every: int = _opt(1, "evaluate every this many epochs")
+    save_every: int = _opt(0, "optimizer steps between checkpoints (0: at epoch ends only)")
+    stop_after: int = _opt(0, "stop as if interrupted after this many steps (0: never)")
+
+    # ---- keys ----------------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The valid flat keys, in declaration order."""
+        return list(_key_table())
+
+    @classmethod
+    def key_table(cls) -> dict[str, ConfigKey]:
+        """``{flat key: ConfigKey}`` in declaration order."""
+        return dict(_key_table())
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
-    def keys(cls) -> list[str]:
-        """The valid keys, in declaration order."""
-        return [f.name for f in fields(cls)]
-
-    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        """Build from a mapping; unknown keys raise ValueError listing the valid ones."""
+        """Build from flat keys; unknown keys raise ValueError listing the valid ones."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a config must be a mapping of keys to values, got "
                              f"{type(data).__name__}")
-        values = {_key(k): v for k, v in data.items()}
-        hints = typing.get_type_hints(cls)
-        cfg = cls(**{k: coerce(k, v, hints[k]) for k, v in values.items()})
+        table = _key_table()
+        top: dict[str, Any] = {}
+        groups: dict[str, dict[str, Any]] = {g: {} for g in _groups()}
+        for name, value in data.items():
+            key = table[_key(name)]
+            converted = coerce(key.name, value, key.hint)
+            (groups[key.group] if key.group else top)[key.attr] = converted
+        cfg = cls(**top, **{g: _groups()[g](**kw) for g, kw in groups.items()})
         cfg.validate()
         return cfg
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A validated copy with some keys changed (values coerced like YAML values)."""
+        """A validated copy with some flat keys changed (values coerced like YAML values)."""
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain ``{key: value}`` (YAML/JSON-serialisable)."""
-        return dataclasses.asdict(self)
+        """Plain ``{flat key: value}`` (YAML/JSON-serialisable), in declaration order."""
+        flat: dict[str, Any] = {}
+        for name, value in dataclasses.asdict(self).items():
+            if name in _groups():
+                flat.update({f"{name}_{k}": v for k, v in value.items()})
+            else:
+                flat[name] = value
+        return flat
 
     def to_yaml(self) -> str:
         """The config as YAML text, keys in declaration order."""
@@ -137,123 +168,115 @@ class TrainConfig:
     # ---- validation ----------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ValueError naming the first key whose value is not allowed."""
-        from padnet.partition import OPTIONS
-
-        choices = {**CHOICES, "imp_score": OPTIONS["score"],
-                   "imp_granularity": OPTIONS["granularity"],
-                   "imp_static_init": OPTIONS["static_init"]}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        _check(self, "dynamic_ratio", 0.0 <= self.dynamic_ratio <= 1.0, "in [0, 1]")
-        _check(self, "imp_warmup_fraction", 0.0 < self.imp_warmup_fraction <= 1.0, "in (0, 1]")
-        _check(self, "val_fraction", 0.0 <= self.val_fraction < 1.0, "in [0, 1)")
-        _check(self, "test_fraction", 0.0 <= self.test_fraction < 1.0, "in [0, 1)")
-        _check(self, "label_smoothing", 0.0 <= self.label_smoothing < 1.0, "in [0, 1)")
-        _check(self, "lr", self.lr > 0, "> 0")
+        flat = self.to_dict()
+        for key, allowed in config_choices().items():
+            check_choice(flat[key], key, allowed)
+        check_ratio(self.dynamic_ratio, "dynamic_ratio")
+        check_number(self.imp.warmup_fraction, "imp_warmup_fraction", minimum=0, strict=True,
+                     maximum=1)
+        for key in ("val_fraction", "test_fraction", "label_smoothing"):
+            if not 0.0 <= flat[key] < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {flat[key]!r}")
+        check_number(self.lr, "lr", minimum=0, strict=True)
         for key in ("num_kernels", "num_experts", "top_k", "imp_iterations", "imp_num_batches",
                     "batch_size", "epochs", "eval_every", "max_length"):
-            _check(self, key, getattr(self, key) >= 1, ">= 1")
-        for key in ("min_lr", "weight_decay", "momentum", "warmup_epochs", "warmup_steps",
-                    "grad_clip", "aux_weight", "num_workers", "save_every", "stop_after",
-                    "temperature_anneal_epochs"):
-            _check(self, key, getattr(self, key) >= 0, ">= 0")
+            check_int(flat[key], key, 1)
+        for key in ("num_workers", "warmup_steps", "save_every", "stop_after"):
+            check_int(flat[key], key, 0)
+        for key in ("min_lr", "weight_decay", "momentum", "warmup_epochs", "grad_clip",
+                    "aux_weight", "temperature_anneal_epochs"):
+            check_number(flat[key], key, minimum=0)
         for key in ("temperature_start", "temperature_end"):
-            _check(self, key, getattr(self, key) > 0, "> 0")
+            check_number(flat[key], key, minimum=0, strict=True)
         for key in ("width", "in_chans", "subset", "image_size", "channels", "eval_batch_size"):
-            _check(self, key, getattr(self, key) is None or getattr(self, key) >= 1,
-                   ">= 1 or none")
-        _check(self, "top_k", self.top_k <= self.num_experts, f"<= num_experts "
-               f"({self.num_experts})")
-        if self.imp_mode != "none" and self.method == "none":
-            raise ValueError(f"imp_mode={self.imp_mode!r} needs a dynamic method "
-                             f"(method is 'none')")
-        if self.imp_mode == "oneshot" and self.init == "copy" and self.imp_score == "taylor":
+            check_optional(flat[key], check_int, key, 1)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k must be <= num_experts ({self.num_experts}), got "
+                             f"{self.top_k}")
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        mode = self.imp.mode
+        if mode != "none" and self.method == "none":
+            raise ValueError(f"imp_mode={mode!r} needs a dynamic method (method is 'none')")
+        if mode == "oneshot" and self.init == "copy" and self.imp.score == "taylor":
             warnings.warn(
                 "imp_mode='oneshot' right after init='copy' scores a model whose dynamic and "
                 "static kernels are identical: every Taylor score is zero and the mask is "
                 "arbitrary; use init='copy_noise' or imp_mode='interleaved'",
-                UserWarning, stacklevel=2)
+                UserWarning, stacklevel=3)
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
-def _check(cfg: TrainConfig, key: str, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{key} must be {allowed}, got {getattr(cfg, key)!r}")
+@dataclass(frozen=True)
+class ConfigKey:
+    """One flat config key: its type hint, default and help text, and where it lives (``group``
+    is the nested group holding it, e.g. ``'imp'``, and ``attr`` its field name there)."""
+
+    name: str
+    hint: Any
+    default: Any
+    help: str = ""
+    group: str | None = None
+    attr: str = ""
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+@functools.cache
+def _groups() -> dict[str, type]:
+    """The nested groups of :class:`TrainConfig`: ``{field name: dataclass}``."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in fields(TrainConfig)
+            if dataclasses.is_dataclass(hints[f.name])}
+
+
+@functools.cache
+def _key_table() -> dict[str, ConfigKey]:
+    hints = typing.get_type_hints(TrainConfig)
+    table: dict[str, ConfigKey] = {}
+    for f in fields(TrainConfig):
+        group = _groups().get(f.name)
+        if group is None:
+            table[f.name] = ConfigKey(f.name, hints[f.name], _default(f),
+                                      f.metadata.get("help", ""), None, f.name)
+            continue
+        inner = typing.get_type_hints(group)
+        for g in fields(group):
+            name = f"{f.name}_{g.name}"
+            table[name] = ConfigKey(name, inner[g.name], _default(g), g.metadata.get("help", ""),
+                                    f.name, g.name)
+    return table
+
+
+def config_choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of the string-valued keys, read from the tables that define them: the
+    conversion methods, scale modes and inits of :mod:`padnet.convert` and
+    :mod:`padnet.layers`, the scores and options of :mod:`padnet.partition`."""
+    from padnet.convert import method_names
+    from padnet.layers import INITS, SCALE_MODE_ALIASES, SCALE_MODES
+    from padnet.partition import OPTIONS, SCORES
+
+    return {
+        "method": ("none", *method_names()), "init": tuple(INITS),
+        "scale_mode": (*SCALE_MODES, *SCALE_MODE_ALIASES), "imp_mode": IMP_MODES,
+        "imp_score": tuple(SCORES.names()),
+        **{f"imp_{k}": tuple(OPTIONS[k]) for k in ("granularity", "schedule", "scope",
+                                                   "static_init")},
+        "optimizer": OPTIMIZERS, "schedule": LR_SCHEDULES, "amp": AMP_MODES,
+    }
 
 
 def _key(name: object) -> str:
     if not isinstance(name, str):
         raise ValueError(f"config keys must be strings, got {name!r}")
     key = name.replace("-", "_")
-    valid = TrainConfig.keys()
-    if key not in valid:
-        raise ValueError(f"unknown config key {name!r}; valid keys: {', '.join(valid)}")
+    if key not in _key_table():
+        raise ValueError(f"unknown config key {name!r}; valid keys: {', '.join(_key_table())}")
     return key
-
-
-def _optional(tp: Any) -> tuple[Any, bool]:
-    """``(inner type, allows None)`` of a type hint such as ``int | None``."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], len(args) < len(typing.get_args(tp))
-    return tp, False
-
-
-def coerce(key: str, value: Any, tp: Any) -> Any:
-    """Convert ``value`` (a YAML value or a command-line string) to the type hint ``tp``."""
-    inner, nullable = _optional(tp)
-    is_null_word = isinstance(value, str) and value.strip().lower() in ("none", "null")
-    if value is None or (is_null_word and (nullable or inner is not str)):
-        if nullable:
-            return None
-        raise ValueError(f"{key} must not be empty (expects {_name(inner)})")
-    try:
-        return _convert(value, inner)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} expects {_name(tp)}, got {value!r}") from None
-
-
-def _convert(value: Any, tp: Any) -> Any:
-    if typing.get_origin(tp) is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in value.replace(" ", "").split(",") if v]
-        if not isinstance(value, Sequence):
-            raise TypeError("not a list")
-        return [_convert(v, item) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on"):
-            return True
-        if isinstance(value, str) and value.strip().lower() in ("false", "no", "0", "off"):
-            return False
-        raise ValueError("not a boolean")
-    if isinstance(value, bool):
-        raise TypeError("a boolean where a number or string is expected")
-    if tp is int:
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError("not an integer")
-        return int(value) if not isinstance(value, str) else int(value.strip())
-    if tp is float:
-        result = float(value)
-        if math.isnan(result):
-            raise ValueError("nan")
-        return result
-    if tp is str:
-        if not isinstance(value, str | int | float):
-            raise TypeError("not a string")
-        return str(value)
-    raise TypeError(f"unsupported type {tp}")
-
-
-def _name(tp: Any) -> str:
-    inner, nullable = _optional(tp)
-    name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        inner, "a comma-separated list" if typing.get_origin(inner) is list else str(inner))
-    return name + (" or none" if nullable else "")
 
 
 def parse_overrides(tokens: Sequence[str]) -> dict[str, str]:

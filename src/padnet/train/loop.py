@@ -1,48 +1,42 @@
 """The explicit training loop: :func:`train` runs one configuration end to end.
 
-Per optimizer step: learning rate (warm-up, then cosine/linear), router temperature (DY-Conv
-annealing), forward under autocast (CUDA only), cross-entropy plus ``aux_weight`` times the MoE
-auxiliary losses, backward (GradScaler for fp16), gradient clipping, optimizer step, then one
-step of interleaved IMP. Every ``eval_every`` epochs: evaluation (loss, accuracy, macro F1,
-Matthews correlation) on val, and on test after the last epoch; every epoch a row of
-``metrics.csv`` and a checkpoint; ``save_every`` adds checkpoints within epochs. A resumed run
-continues bit for bit on CPU: the data order of epoch e comes from ``seed + e`` and is
-fast-forwarded mid-epoch, and the RNG, optimizer, IMP and loop states are restored from the
+Per optimizer step (:func:`~padnet.train.step.train_step`): learning rate (warm-up, then
+cosine/linear), router temperature (annealed for the methods that take it), forward under
+autocast (CUDA only), cross-entropy plus ``aux_weight`` times the MoE auxiliary losses, backward
+(GradScaler for fp16), gradient clipping, optimizer step, then one step of interleaved IMP.
+Every ``eval_every`` epochs: evaluation (loss, accuracy, macro F1, Matthews correlation) on val,
+and on test after the last epoch; every epoch a row of ``metrics.csv`` and a checkpoint;
+``save_every`` adds checkpoints within epochs. A resumed run continues bit for bit on CPU: the
+data order of epoch e comes from ``seed + e`` and is fast-forwarded mid-epoch, and the RNG,
+optimizer, IMP and loop states (:class:`~padnet.train.state.LoopState`) are restored from the
 checkpoint.
 
-Run directory: ``config.yaml``, ``metrics.csv``, ``checkpoint/`` (latest), ``model.safetensors``
-(final weights) and ``summary.json``. Under torchrun only rank 0 writes.
+The files go to a :class:`~padnet.train.rundir.RunDir`; under torchrun only rank 0 writes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import random
-import shutil
+import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from padnet.train import checkpoint as ckpt
 from padnet.train.build import (
-    CONV_METHODS,
-    batch_inputs,
     build_data,
+    build_loader,
     build_model,
     build_optimizer,
-    lr_at,
-    model_logits,
+    input_channels,
 )
 from padnet.train.config import TrainConfig
 from padnet.train.distributed import (
+    DistInfo,
     EpochSampler,
     all_reduce_sum,
     barrier,
@@ -51,11 +45,19 @@ from padnet.train.distributed import (
     init_distributed,
     sync_buffers,
 )
-from padnet.train.files import METRIC_COLUMNS, RunFiles
-from padnet.train.metrics import classification_metrics, confusion_matrix
+from padnet.train.imp import build_partition, run_partition, scoring_loader
+from padnet.train.rundir import RunDir, model_info, weights_metadata
+from padnet.train.state import SUM_KEYS, LoopState, zero_sums
+from padnet.train.step import (
+    autocast_for,
+    evaluate,
+    has_aux_loss,
+    seed_everything,
+    set_schedules,
+    train_step,
+)
 
-__all__ = ["METRIC_COLUMNS", "TrainResult", "Trainer", "evaluate", "seed_everything", "train"]
-
+__all__ = ["TrainResult", "Trainer", "train"]
 
 
 @dataclass
@@ -71,216 +73,128 @@ class TrainResult:
     is_main: bool = True  # rank 0 (or a single process): the process that wrote the files
 
 
-def seed_everything(seed: int) -> None:
-    """Seed the torch, Python and NumPy generators."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+class Trainer:
+    """One run: set-up in ``__init__``, :meth:`fit` trains, :meth:`finish` writes the results.
 
+    Args:
+        cfg: the run's config.
+        run_dir: where the files go (default: ``cfg.out_dir``, written by the main process).
+        dist: this process's place in the process group (default: :func:`init_distributed`;
+            the caller cleans it up).
+        splits: already loaded :class:`~padnet.data.DatasetSplits` (default: loaded from cfg).
+        quiet: no progress bars and no per-epoch lines.
+    """
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
-             autocast: Any = contextlib.nullcontext) -> dict[str, float]:
-    """Mean loss, accuracy, macro F1 and MCC of ``model`` on ``loader`` (summed over ranks)."""
-    was_training = model.training
-    model.eval()
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    for batch in loader:
-        inputs, targets = batch_inputs(batch, device)
-        with autocast():
-            logits = model_logits(model, inputs).float()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").double().cpu()
-        cm += confusion_matrix(logits.argmax(-1), targets, num_classes)
-    model.train(was_training)
-    pair = all_reduce_sum(torch.cat([cm.view(-1).double(), loss_sum.view(1)]).to(device)).cpu()
-    cm = pair[:-1].round().long().view(num_classes, num_classes)
-    count = int(cm.sum())
-    return {"loss": float(pair[-1]) / max(count, 1), **classification_metrics(cm)}
-
-
-class Trainer(RunFiles):
-    """One run: set-up in ``__init__``, :meth:`fit` trains (see the module doc)."""
-
-    def __init__(self, cfg: TrainConfig, *, splits: Any = None, quiet: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, *, run_dir: RunDir | None = None,
+                 dist: DistInfo | None = None, splits: Any = None, quiet: bool = False) -> None:
         self.cfg, self.quiet = cfg, quiet
-        self.dist = init_distributed(cfg.device)
+        self.dist = dist if dist is not None else init_distributed(cfg.device)
         self.device = self.dist.device
-        self.run_dir = Path(cfg.out_dir)
+        self.run_dir = run_dir if run_dir is not None else RunDir(cfg.out_dir, self.dist.is_main)
         seed_everything(cfg.seed)
         self.splits = splits if splits is not None else build_data(cfg)
-        s = self.splits
-        self.in_chans = cfg.in_chans or (s.input_shape[0] if s.input_shape else None)
-        self.model = build_model(cfg, num_classes=s.num_classes, in_chans=self.in_chans)
+        self.in_chans = input_channels(cfg, self.splits)
+        self.model = build_model(cfg, num_classes=self.splits.num_classes, in_chans=self.in_chans)
         self.model.to(self.device).train()
         self.optimizer = build_optimizer(cfg, self.model)
-        self.net: nn.Module = self.model
-        if self.dist.distributed:
-            from padnet.layers.pad import pad_modules
+        self.net = self._wrap(self.model)
+        self._make_loaders()
+        self.autocast = autocast_for(self.device, cfg.amp)
+        fp16 = self.device.type == "cuda" and cfg.amp == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        self.imp = build_partition(self.model, self._scoring_loader(), cfg,
+                                   total_steps=self.total_steps) \
+            if cfg.imp.mode == "interleaved" else None
+        self.imp_result: Any = None
+        self.state = LoopState()
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # PAD layers skip unused weights (W_s at kappa = 1, experts no token chose)
-            self.net = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=ids, find_unused_parameters=bool(pad_modules(self.model)))
-        self.sampler = EpochSampler(len(s.train), seed=cfg.seed, rank=self.dist.rank,
-                                    world_size=self.dist.world_size)
+    # ---- set-up --------------------------------------------------------------------------
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` in DistributedDataParallel under torchrun, else ``model`` itself."""
+        if not self.dist.distributed:
+            return model
+        from padnet.layers import mode_masks
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # PAD layers skip unused weights (W_s at kappa = 1, experts no token chose)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=bool(mode_masks(model)))
+
+    def _make_loaders(self) -> None:
+        cfg, s, d = self.cfg, self.splits, self.dist
+        self.sampler = EpochSampler(len(s.train), seed=cfg.seed, rank=d.rank,
+                                    world_size=d.world_size)
         self.drop_last = self.sampler.num_samples >= cfg.batch_size  # no batch of one for BN
         self.train_loader = self._loader(s.train, self.sampler, cfg.batch_size, self.drop_last)
         n = self.sampler.num_samples
         self.steps_per_epoch = n // cfg.batch_size if self.drop_last else -(-n // cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup = cfg.warmup_steps or round(cfg.warmup_epochs * self.steps_per_epoch)
-        self.eval_loaders = {name: self._eval_loader(ds) for name, ds in
-                             (("val", s.val), ("test", s.test)) if ds is not None}
-        self.use_amp = self.device.type == "cuda" and cfg.amp != "none"
-        self.scaler = torch.amp.GradScaler("cuda") if self.use_amp and cfg.amp == "fp16" else None
-        self.imp = self._make_imp() if cfg.imp_mode == "interleaved" else None
-        self.imp_result: Any = None
-        self.loop: dict[str, Any] = {"global_step": 0, "epoch": 0, "step_in_epoch": 0,
-                                     "sums": self._zero_sums(), "history": [],
-                                     "oneshot_done": False, "train_time_s": 0.0}
+        eval_size = cfg.eval_batch_size or 2 * cfg.batch_size
+        self.eval_loaders = {
+            name: self._loader(ds, list(range(d.rank, len(ds), d.world_size)), eval_size, False)
+            for name, ds in (("val", s.val), ("test", s.test)) if ds is not None}
 
-    # ---- set-up helpers ------------------------------------------------------------------
-    def _loader(self, dataset: Any, sampler: Any, batch_size: int, drop_last: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.cfg.seed)  # keeps the global RNG untouched
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                          collate_fn=self.splits.collate, num_workers=self.cfg.num_workers,
-                          generator=gen, pin_memory=self.device.type == "cuda")
+    def _loader(self, dataset: Any, sampler: Any, batch_size: int, drop_last: bool) -> Any:
+        return build_loader(dataset, batch_size=batch_size, sampler=sampler,
+                            collate=self.splits.collate, drop_last=drop_last,
+                            num_workers=self.cfg.num_workers, seed=self.cfg.seed,
+                            pin_memory=self.device.type == "cuda")
 
-    def _eval_loader(self, dataset: Any) -> DataLoader:
-        indices = list(range(self.dist.rank, len(dataset), self.dist.world_size))
-        size = self.cfg.eval_batch_size or 2 * self.cfg.batch_size
-        return self._loader(dataset, indices, size, False)
-
-    def _imp_data(self) -> DataLoader:
-        """Scoring batches for IMP: one fixed shuffled order (reproducible across resumes)."""
-        sampler = EpochSampler(len(self.splits.train), seed=self.cfg.seed + 7919,
-                               rank=self.dist.rank, world_size=self.dist.world_size)
-        return self._loader(self.splits.train, sampler, self.cfg.batch_size, self.drop_last)
-
-    def _make_imp(self) -> Any:
-        from padnet.partition import IterativePartition
-
-        c = self.cfg
-        end = max(1, round(c.imp_warmup_fraction * self.total_steps))
-        return IterativePartition(
-            self.model, self._imp_data(), dynamic_ratio=c.dynamic_ratio, loss_fn=self._imp_loss,
-            iterations=c.imp_iterations, start_step=0, end_step=end,
-            num_batches=c.imp_num_batches, schedule=c.imp_schedule, scope=c.imp_scope,
-            granularity=c.imp_granularity, score=c.imp_score, static_init=c.imp_static_init,
-            bn_mode="train", seed=c.seed)
-
-    @staticmethod
-    def _imp_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-        inputs, targets = batch_inputs(batch, next(model.parameters()).device)
-        return F.cross_entropy(model_logits(model, inputs), targets)
-
-    @staticmethod
-    def _zero_sums() -> dict[str, float]:
-        return {"loss": 0.0, "aux": 0.0, "correct": 0.0, "count": 0.0}
-
-    def global_sums(self) -> dict[str, float]:
-        """This epoch's training sums (loss, aux, correct, count) added over ranks."""
-        keys = list(self.loop["sums"])
-        local = torch.tensor([self.loop["sums"][k] for k in keys], dtype=torch.float64,
-                             device=self.device)
-        return dict(zip(keys, all_reduce_sum(local).tolist(), strict=True))
+    def _scoring_loader(self) -> Any:
+        return scoring_loader(self.splits.train, batch_size=self.cfg.batch_size,
+                              collate=self.splits.collate, seed=self.cfg.seed,
+                              rank=self.dist.rank, world_size=self.dist.world_size,
+                              num_workers=self.cfg.num_workers,
+                              pin_memory=self.device.type == "cuda")
 
     def log(self, message: str) -> None:
         """Print on rank 0 unless quiet."""
         if self.dist.is_main and not self.quiet:
             print(message, flush=True)
 
-    def autocast(self) -> Any:
-        """``torch.autocast`` on CUDA with ``amp`` set; a no-op context otherwise."""
-        if not self.use_amp:
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+    def global_sums(self) -> dict[str, float]:
+        """This epoch's training sums (loss, aux, correct, count) added over ranks."""
+        local = torch.tensor([self.state.sums[k] for k in SUM_KEYS], dtype=torch.float64,
+                             device=self.device)
+        return dict(zip(SUM_KEYS, all_reduce_sum(local).tolist(), strict=True))
 
-    # ---- schedules -----------------------------------------------------------------------
-    def _set_schedules(self, step: int) -> tuple[float, float | None]:
-        c = self.cfg
-        lr = lr_at(step, base=c.lr, min_lr=c.min_lr, total=self.total_steps, warmup=self.warmup,
-                   schedule=c.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        temperature = None
-        if c.method in CONV_METHODS and c.method != "condconv":
-            import padnet
+    def _schedules(self, step: int) -> tuple[float, float | None]:
+        return set_schedules(self.cfg, self.model, self.optimizer, step,
+                             total_steps=self.total_steps, warmup=self.warmup,
+                             steps_per_epoch=self.steps_per_epoch)
 
-            temperature = padnet.temperature_schedule(
-                step / self.steps_per_epoch, start=c.temperature_start, end=c.temperature_end,
-                anneal_epochs=c.temperature_anneal_epochs)
-            padnet.set_temperature(self.model, temperature)
-        return lr, temperature
-
-    # ---- one step ------------------------------------------------------------------------
-    def train_step(self, batch: Any) -> None:
-        """Forward, backward, clip, optimizer step and interleaved IMP for one batch."""
-        from padnet.layers.aux import aux_loss
-
-        c, sums = self.cfg, self.loop["sums"]
-        self._set_schedules(self.loop["global_step"])
-        inputs, targets = batch_inputs(batch, self.device)
-        with self.autocast():
-            logits = model_logits(self.net, inputs)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=c.label_smoothing)
-            aux = aux_loss(self.model).float()
-            total = loss + c.aux_weight * aux if c.method == "moe" else loss
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(total).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            total.backward()
-        if c.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+    # ---- steps and partitions ------------------------------------------------------------
+    def step(self, batch: Any) -> None:
+        """One optimizer step on ``batch``, then one step of interleaved IMP."""
+        self._schedules(self.state.global_step)
+        stats = train_step(self.model, batch, self.optimizer, self.cfg, device=self.device,
+                           net=self.net, scaler=self.scaler, autocast=self.autocast)
         if self.imp is not None and not self.imp.done and self.imp.step() is not None:
             self._after_partition(self.imp.result)
-        n = len(targets)
-        sums["loss"] += float(loss.detach()) * n
-        sums["aux"] += float(aux.detach()) * n
-        sums["correct"] += float((logits.detach().argmax(-1) == targets).sum())
-        sums["count"] += n
-        self.loop["global_step"] += 1
-        self.loop["step_in_epoch"] += 1
+        self.state.add_step(stats)
 
     def _after_partition(self, result: Any) -> None:
-        from padnet.layers.pad import pad_modules
+        from padnet.layers import mode_masks
 
-        masks = [m.mask for _, m in pad_modules(self.model)]
-        check_same_across_ranks(masks, "IMP masks")
+        check_same_across_ranks([m.mask for _, m in mode_masks(self.model)], "IMP masks")
         self.imp_result = result
         self.log(f"  IMP iteration {result.iteration}/{result.iterations}: dynamic ratio "
-                 f"{result.total_ratio:.4f} (step {self.loop['global_step'] + 1})")
+                 f"{result.total_ratio:.4f} (step {self.state.global_step + 1})")
 
     def oneshot_partition(self) -> None:
         """One-shot IMP before the first step (``imp_mode: oneshot``)."""
-        from padnet.partition import partition
-
-        c = self.cfg
-        self._set_schedules(0)
-        result = partition(
-            self.model, self._imp_data(), dynamic_ratio=c.dynamic_ratio, loss_fn=self._imp_loss,
-            iterations=c.imp_iterations, schedule=c.imp_schedule, scope=c.imp_scope,
-            granularity=c.imp_granularity, score=c.imp_score, static_init=c.imp_static_init,
-            num_batches=c.imp_num_batches, bn_mode="eval", seed=c.seed)
-        self.loop["oneshot_done"] = True
+        self._schedules(0)
+        result = run_partition(self.model, self._scoring_loader(), self.cfg)
+        self.state.oneshot_done = True
         self._after_partition(result)
 
     # ---- epochs --------------------------------------------------------------------------
     def fit(self) -> bool:
         """Train until ``epochs`` are done (True) or ``stop_after`` steps (False)."""
-        c, loop = self.cfg, self.loop
-        if c.imp_mode == "oneshot" and not loop["oneshot_done"]:
+        if self.cfg.imp.mode == "oneshot" and not self.state.oneshot_done:
             self.oneshot_partition()
-        while loop["epoch"] < c.epochs:
+        while self.state.epoch < self.cfg.epochs:
             if not self._run_epoch():
                 return False
         return True
@@ -290,60 +204,129 @@ class Trainer(RunFiles):
 
         disable = self.quiet or not self.dist.is_main or not sys.stderr.isatty()
         return tqdm(total=total, initial=initial, file=sys.stderr, disable=disable, leave=False,
-                    desc=f"epoch {self.loop['epoch'] + 1}/{self.cfg.epochs}", dynamic_ncols=True)
+                    desc=f"epoch {self.state.epoch + 1}/{self.cfg.epochs}", dynamic_ncols=True)
 
     def _run_epoch(self) -> bool:
-        c, loop = self.cfg, self.loop
-        self.sampler.set_epoch(loop["epoch"], skip=loop["step_in_epoch"] * c.batch_size)
+        cfg, st = self.cfg, self.state
+        self.sampler.set_epoch(st.epoch, skip=st.step_in_epoch * cfg.batch_size)
         start = time.perf_counter()
-        with self._progress(self.steps_per_epoch, loop["step_in_epoch"]) as bar:
+        with self._progress(self.steps_per_epoch, st.step_in_epoch) as bar:
             for batch in self.train_loader:
-                self.train_step(batch)
+                self.step(batch)
                 bar.update(1)
-                sums = loop["sums"]
-                bar.set_postfix(loss=f"{sums['loss'] / max(sums['count'], 1):.4f}", refresh=False)
-                stop = c.stop_after and loop["global_step"] >= c.stop_after
-                if stop or (c.save_every and loop["global_step"] % c.save_every == 0):
-                    loop["train_time_s"] += time.perf_counter() - start
+                bar.set_postfix(loss=f"{st.mean_loss():.4f}", refresh=False)
+                stop = cfg.stop_after and st.global_step >= cfg.stop_after
+                if stop or (cfg.save_every and st.global_step % cfg.save_every == 0):
+                    st.train_time_s += time.perf_counter() - start
                     start = time.perf_counter()
                     self.save_checkpoint()
                 if stop:
-                    self.log(f"stopped after step {loop['global_step']} (stop_after); resume "
-                             f"with --resume {self.run_dir}")
+                    self.log(f"stopped after step {st.global_step} (stop_after); resume with "
+                             f"--resume {self.run_dir.path}")
                     return False
-        loop["train_time_s"] += time.perf_counter() - start
+        st.train_time_s += time.perf_counter() - start
         self._end_epoch(time.perf_counter() - start)
         return True
 
     def _end_epoch(self, seconds: float) -> None:
         import padnet
 
-        c, loop = self.cfg, self.loop
+        cfg, st = self.cfg, self.state
         sums = self.global_sums()
-        loss, aux, correct, count = (sums[k] for k in ("loss", "aux", "correct", "count"))
-        lr, temperature = self._set_schedules(max(loop["global_step"] - 1, 0))
+        count = max(sums["count"], 1)
+        lr, temperature = self._schedules(max(st.global_step - 1, 0))
         sync_buffers(self.model)
         stats = padnet.stats(self.model)
         row: dict[str, Any] = {
-            "epoch": loop["epoch"] + 1, "step": loop["global_step"], "lr": lr,
-            "temperature": temperature, "dynamic_ratio": stats.dynamic_ratio if stats.layers
-            else None, "train_loss": loss / max(count, 1), "train_acc": correct / max(count, 1),
-            "aux_loss": aux / max(count, 1) if c.method == "moe" else None,
+            "epoch": st.epoch + 1, "step": st.global_step, "lr": lr, "temperature": temperature,
+            "dynamic_ratio": stats.dynamic_ratio if stats.layers else None,
+            "train_loss": sums["loss"] / count, "train_acc": sums["correct"] / count,
+            "aux_loss": sums["aux"] / count if has_aux_loss(cfg) else None,
             "epoch_time_s": seconds}
-        last = loop["epoch"] + 1 == c.epochs
-        if last or (loop["epoch"] + 1) % c.eval_every == 0:
-            for name, loader in self.eval_loaders.items():
-                if name == "test" and not last:  # the test split is looked at once, at the end
-                    continue
+        row.update(self._evaluate(last=st.epoch + 1 == cfg.epochs))
+        st.end_epoch(row)
+        self.log(_format_row(row, cfg.epochs))
+        self.save_checkpoint()
+
+    def _evaluate(self, *, last: bool) -> dict[str, float]:
+        """Metrics of this epoch on val (every ``eval_every`` epochs) and test (the last one:
+        the test split is looked at once, at the end)."""
+        if not (last or (self.state.epoch + 1) % self.cfg.eval_every == 0):
+            return {}
+        results: dict[str, float] = {}
+        for name, loader in self.eval_loaders.items():
+            if name != "test" or last:
                 metrics = evaluate(self.model, loader, self.splits.num_classes, self.device,
                                    self.autocast)
-                row.update({f"{name}_{k}": v for k, v in metrics.items()})
-        loop["history"].append(row)
-        loop["epoch"] += 1
-        loop["step_in_epoch"] = 0
-        loop["sums"] = self._zero_sums()
-        self.log(_format_row(row, c.epochs))
-        self.save_checkpoint()
+                results.update({f"{name}_{k}": v for k, v in metrics.items()})
+        return results
+
+    # ---- checkpoints and results ---------------------------------------------------------
+    def _metadata(self) -> dict[str, str]:
+        return weights_metadata(self.cfg, model_info(self.splits, self.in_chans))
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint/`` and ``metrics.csv`` (rank 0; every rank must call it: the
+        epoch's running sums are added over ranks first)."""
+        loop = {**self.state.to_dict(), "sums": self.global_sums()}
+        if not self.run_dir.is_main:
+            return
+        state = {"optimizer": self.optimizer.state_dict(), "rng": ckpt.rng_state(),
+                 "loop": loop, "config": self.cfg.to_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "imp": self.imp.state_dict() if self.imp is not None else None,
+                 "imp_result": self.imp_result.to_dict() if self.imp_result else None}
+        self.run_dir.write_checkpoint(self.model.state_dict(), state,
+                                      step=self.state.global_step, metadata=self._metadata())
+        self.run_dir.write_metrics(self.state.history)
+
+    def resume(self, directory: Path) -> None:
+        """Load weights, optimizer, scaler, IMP, loop state and RNG states."""
+        model_state, state, step = ckpt.load_checkpoint(directory)
+        try:
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"the checkpoint in {directory} does not fit the model and "
+                             f"optimizer of this config (was the config changed?): "
+                             f"{str(err).splitlines()[0]}") from None
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.imp is not None and state.get("imp"):
+            self.imp.load_state_dict(state["imp"])
+            self.imp_result = self.imp.result
+        elif self.imp is None and state.get("imp_result"):
+            self.imp_result = state["imp_result"]
+        self.state = LoopState.from_dict(state["loop"])
+        self.state.global_step = step
+        if not self.dist.is_main:  # the saved sums are over all ranks: count them once
+            self.state.sums = zero_sums()
+        ckpt.set_rng_state(state["rng"])
+        self.log(f"resumed {self.run_dir.path} at step {step} (epoch {self.state.epoch + 1}, "
+                 f"step {self.state.step_in_epoch} of {self.steps_per_epoch})")
+
+    def summary(self) -> dict[str, Any]:
+        """The run's summary (``summary.json``), JSON-safe."""
+        import padnet
+
+        history, imp = self.state.history, self.imp_result
+        return json.loads(json.dumps({
+            "config": self.cfg.to_dict(), **model_info(self.splits, self.in_chans),
+            "data": self.splits.info, "final": history[-1] if history else {},
+            "best_val_acc": max((r["val_acc"] for r in history if "val_acc" in r), default=None),
+            "stats": padnet.stats(self.model).to_dict()["total"],
+            "imp": imp.to_dict() if hasattr(imp, "to_dict") else imp,
+            "steps": self.state.global_step, "train_time_s": self.state.train_time_s,
+            "world_size": self.dist.world_size, "device": str(self.device)}, default=str))
+
+    def finish(self) -> dict[str, Any]:
+        """Write the final ``model.safetensors``, ``summary.json`` and ``metrics.csv`` (rank 0);
+        returns the summary."""
+        summary = self.summary()
+        self.run_dir.write_weights(self.model.state_dict(), self._metadata())
+        self.run_dir.write_summary(summary)
+        self.run_dir.write_metrics(self.state.history)
+        return summary
 
 
 def _format_row(row: dict[str, Any], epochs: int) -> str:
@@ -357,20 +340,6 @@ def _format_row(row: dict[str, Any], epochs: int) -> str:
         parts.append(f"kappa {row['dynamic_ratio']:.3f}")
     parts.append(f"{row['epoch_time_s']:.1f}s")
     return " | ".join(parts)
-
-
-def _prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); checks and cleans ``run_dir``."""
-    if resume:
-        found = ckpt.find_checkpoint(run_dir)
-        if found is None:
-            raise FileNotFoundError(f"no complete checkpoint to resume in {run_dir}")
-        return found
-    if ckpt.find_checkpoint(run_dir) is not None or (run_dir / "model.safetensors").exists():
-        if not overwrite:
-            raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, "
-                             "--overwrite to replace it, or choose another out_dir")
-    return None
 
 
 def train(
@@ -387,23 +356,21 @@ def train(
     """
     if isinstance(resume, str | Path) and str(resume):
         cfg = cfg.replace(out_dir=str(resume))
-    run_dir = Path(cfg.out_dir)
-    found = _prepare_run_dir(run_dir, resume=bool(resume), overwrite=overwrite)
-    trainer = Trainer(cfg, splits=splits, quiet=quiet)
+    dist = init_distributed(cfg.device)
     try:
-        if found is None and trainer.dist.is_main:
-            for name in ("checkpoint", "checkpoint.new", "checkpoint.old"):
-                shutil.rmtree(run_dir / name, ignore_errors=True)
-            (run_dir / "model.safetensors").unlink(missing_ok=True)
+        run_dir = RunDir(cfg.out_dir, is_main=dist.is_main)
+        found = run_dir.prepare(resume=bool(resume), overwrite=overwrite)
+        trainer = Trainer(cfg, run_dir=run_dir, dist=dist, splits=splits, quiet=quiet)
+        if found is None:
+            run_dir.clear()
         barrier()
         if found is not None:
             trainer.resume(found)
-        trainer.write_config()
+        run_dir.write_config(cfg)
         finished = trainer.fit()
         summary = trainer.finish() if finished else {}
         barrier()
-        return TrainResult(trainer.model, run_dir, trainer.loop["history"], summary,
-                           stopped=not finished, splits=trainer.splits,
-                           is_main=trainer.dist.is_main)
+        return TrainResult(trainer.model, run_dir.path, trainer.state.history, summary,
+                           stopped=not finished, splits=trainer.splits, is_main=dist.is_main)
     finally:
-        cleanup_distributed(trainer.dist)
+        cleanup_distributed(dist)

@@ -1,0 +1,136 @@
+"""The run directory: ``config.yaml``, ``metrics.csv``, ``checkpoint/`` (via
+:mod:`padnet.train.checkpoint`), the final ``model.safetensors`` (config and model info in its
+header) and ``summary.json``. Every file is written atomically, and only by the main process
+(``is_main``: rank 0 under torchrun); on other ranks the writing methods do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from padnet.train import checkpoint as ckpt
+from padnet.train.config import TrainConfig
+from padnet.utils.io import atomic_write, save_json, save_safetensors
+
+__all__ = ["METRIC_COLUMNS", "RunDir", "model_info", "weights_metadata"]
+
+METRIC_COLUMNS = (
+    "epoch", "step", "lr", "temperature", "dynamic_ratio", "train_loss", "train_acc", "aux_loss",
+    "val_loss", "val_acc", "val_f1", "val_mcc", "test_loss", "test_acc", "test_f1", "test_mcc",
+    "epoch_time_s",
+)
+
+
+def model_info(splits: Any, in_chans: int | None) -> dict[str, Any]:
+    """What rebuilding a model needs besides its config (classes, input shape)."""
+    return {"num_classes": splits.num_classes, "in_chans": in_chans, "kind": splits.kind,
+            "input_shape": list(splits.input_shape) if splits.input_shape else None,
+            "class_names": list(splits.class_names)}
+
+
+def weights_metadata(cfg: TrainConfig, info: dict[str, Any]) -> dict[str, str]:
+    """Header of a saved ``model.safetensors``: config and model info as JSON strings."""
+    return {"padnet_config": json.dumps(cfg.to_dict()), "padnet_model_info": json.dumps(info)}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one run under ``path``; only the main process writes them."""
+
+    path: Path
+    is_main: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def weights_file(self) -> Path:
+        return self.path / "model.safetensors"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / "summary.json"
+
+    # ---- reading -------------------------------------------------------------------------
+    def find_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint directory, or None."""
+        return ckpt.find_checkpoint(self.path)
+
+    def prepare(self, *, resume: bool, overwrite: bool) -> Path | None:
+        """The checkpoint to resume from (None for a fresh run). Raises when resuming finds no
+        checkpoint, or when a fresh run would replace a run without ``overwrite``."""
+        found = self.find_checkpoint()
+        if resume:
+            if found is None:
+                raise FileNotFoundError(f"no complete checkpoint to resume in {self.path}")
+            return found
+        if (found is not None or self.weights_file.exists()) and not overwrite:
+            raise ValueError(f"{self.path} already holds a run; pass --resume to continue it, "
+                             "--overwrite to replace it, or choose another out_dir")
+        return None
+
+    # ---- writing (main process only) -----------------------------------------------------
+    def clear(self) -> None:
+        """Remove the checkpoints and final weights of an earlier run."""
+        if self.is_main:
+            for name in ("checkpoint", "checkpoint.new", "checkpoint.old"):
+                shutil.rmtree(self.path / name, ignore_errors=True)
+            self.weights_file.unlink(missing_ok=True)
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        """``config.yaml`` without ``stop_after`` (a way to interrupt a run, not part of the
+        experiment: ``--resume RUN_DIR`` then runs to the end)."""
+        if self.is_main:
+            _write_text(self.config_file, cfg.replace(stop_after=0).to_yaml())
+
+    def write_metrics(self, history: Sequence[dict[str, Any]]) -> None:
+        """``metrics.csv``: one row per epoch, columns :data:`METRIC_COLUMNS`."""
+        if self.is_main:
+            lines = [",".join(METRIC_COLUMNS)]
+            lines += [",".join(_cell(row.get(k)) for k in METRIC_COLUMNS) for row in history]
+            _write_text(self.metrics_file, "\n".join(lines) + "\n")
+
+    def write_checkpoint(self, model_state: dict[str, Tensor], state: dict[str, Any], *,
+                         step: int, metadata: dict[str, str]) -> None:
+        """``checkpoint/`` (see :func:`padnet.train.checkpoint.save_checkpoint`)."""
+        if self.is_main:
+            ckpt.save_checkpoint(self.path, model_state, state, step=step, metadata=metadata)
+
+    def write_weights(self, model_state: dict[str, Tensor], metadata: dict[str, str]) -> None:
+        """The final ``model.safetensors``."""
+        if self.is_main:
+            save_safetensors(self.weights_file, model_state, metadata)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """``summary.json``."""
+        if self.is_main:
+            save_json(self.summary_file, summary)
