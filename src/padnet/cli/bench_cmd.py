@@ -4,7 +4,8 @@ The model comes from config keys (``--model resnet20 --method dyconv --dynamic-r
 ``-c CONFIG``) or from a trained run (``--run RUN_DIR``, timed beside freshly built static and
 fully dynamic versions). Repetitions are interleaved across the versions (order rotated every
 round) in eval mode; the median per version and its ratio to the static model are printed for
-each batch size. Inputs are random images (or random token ids for text models).
+each batch size. Inputs are random images of side ``image_size`` (default: the run's input
+size, else 32), or random token ids for text models.
 """
 
 from __future__ import annotations
@@ -12,21 +13,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from padnet.cli.options import add_config_arguments, config_overrides
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time static vs dynamic vs PAD forward passes",
-                       description=__doc__, allow_abbrev=False)
+                       description=__doc__, allow_abbrev=False,
+                       usage="%(prog)s [-c CONFIG | --run RUN_DIR] [--batch-sizes B,...] "
+                             "[--reps REPS] [--num-classes N] [--threads N] [--out OUT] "
+                             "[--KEY VALUE ...]")
     src = p.add_mutually_exclusive_group()
     src.add_argument("-c", "--config", type=Path, help="YAML config of the model")
     src.add_argument("--run", dest="run_dir", type=Path,
                      help="a run directory written by `padnet train`")
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated (default 1,32)")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per version")
-    p.add_argument("--image-size", type=int, default=None, help="default: config or 32")
     p.add_argument("--num-classes", type=int, default=10, help="for models built from a config")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--out", type=Path, default=None, help="also write the table as CSV")
-    p.set_defaults(run=run, overrides_allowed=True)
+    add_config_arguments(p)
+    p.set_defaults(run=run)
 
 
 def _models(args: argparse.Namespace) -> tuple:
@@ -35,12 +41,12 @@ def _models(args: argparse.Namespace) -> tuple:
     from padnet.train.build import build_model, load_run
 
     if args.run_dir is not None:
-        loaded = load_run(args.run_dir, overrides=args.overrides, with_data=False)
+        loaded = load_run(args.run_dir, overrides=config_overrides(args), with_data=False)
         cfg, info = loaded.cfg, loaded.info
         trained = {"pad" if cfg.method != "none" and cfg.dynamic_ratio < 1 else
                    "dynamic" if cfg.method != "none" else "static": loaded.model}
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, config_overrides(args))
         info, trained = {"num_classes": args.num_classes, "in_chans": cfg.in_chans or
                          cfg.channels or 3}, {}
     build = {"num_classes": info["num_classes"], "in_chans": info.get("in_chans"),
@@ -56,7 +62,7 @@ def _models(args: argparse.Namespace) -> tuple:
     return cfg, models, info
 
 
-def _inputs(cfg, model, info: dict, batch: int, image_size: int | None):  # noqa: ANN001, ANN202
+def _inputs(cfg, model, info: dict, batch: int):  # noqa: ANN001, ANN202
     import torch
 
     from padnet.train.build import is_text_model
@@ -67,7 +73,7 @@ def _inputs(cfg, model, info: dict, batch: int, image_size: int | None):  # noqa
         ids = torch.randint(1000, min(vocab, 2000), (batch, cfg.max_length), generator=gen)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     shape = info.get("input_shape") or [None, None, None]
-    size = image_size or cfg.image_size or shape[-1] or 32
+    size = cfg.image_size or shape[-1] or 32
     return torch.randn(batch, info.get("in_chans") or 3, size, size, generator=gen)
 
 
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, models, info = _models(args)
     rows = []
     for batch in sizes:
-        x = _inputs(cfg, models["static"], info, batch, args.image_size)
+        x = _inputs(cfg, models["static"], info, batch)
         ms = measure_latency(models, x, reps=args.reps)
         for name, model in models.items():
             rows.append((batch, name, padnet.stats(model).stored_params, ms[name],

@@ -13,15 +13,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from padnet.cli.options import add_config_arguments, config_overrides
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="train static, dynamic and PAD variants; one table",
-                       description=__doc__, allow_abbrev=False)
+                       description=__doc__, allow_abbrev=False,
+                       usage="%(prog)s -c CONFIG [--out OUT] [--reps REPS] [--quiet] "
+                             "[--KEY VALUE ...]")
     p.add_argument("-c", "--config", type=Path, required=True, help="YAML config file")
     p.add_argument("--out", type=Path, default=None, help="output directory")
     p.add_argument("--reps", type=int, default=20, help="latency repetitions per variant")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
-    p.set_defaults(run=run, overrides_allowed=True)
+    add_config_arguments(p)
+    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.reps < 1:
         raise ValueError(f"--reps must be >= 1, got {args.reps}")
     start = time.perf_counter()
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, config_overrides(args))
     result = compare(cfg, out_dir=args.out, reps=args.reps, quiet=args.quiet)
     if result.is_main:
         out = result.out_dir

@@ -10,15 +10,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from padnet.cli.options import add_config_arguments, config_overrides
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a saved run on val/test", description=__doc__,
-                       allow_abbrev=False)
+                       allow_abbrev=False, usage="%(prog)s RUN_DIR [--split {val,test,all}] "
+                       "[--checkpoint] [--out OUT] [--KEY VALUE ...]")
     p.add_argument("run_dir", type=Path, help="a run directory written by `padnet train`")
     p.add_argument("--split", choices=("val", "test", "all"), default="all")
     p.add_argument("--checkpoint", action="store_true", help="use the latest checkpoint")
     p.add_argument("--out", type=Path, default=None, help="also write the metrics as JSON")
-    p.set_defaults(run=run, overrides_allowed=True)
+    add_config_arguments(p, title="config keys (override the run's config.yaml)")
+    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from padnet.train.step import evaluate
     from padnet.utils.io import save_json
 
-    loaded = load_run(args.run_dir, overrides=args.overrides, checkpoint=args.checkpoint)
+    loaded = load_run(args.run_dir, overrides=config_overrides(args), checkpoint=args.checkpoint)
     cfg, splits = loaded.cfg, loaded.splits
     device = resolve_device(cfg.device)
     model = loaded.model.to(device)

@@ -16,6 +16,7 @@ from padnet.cli import (
     partition_cmd,
     train_cmd,
 )
+from padnet.cli.options import CommandParser, UsageError, normalize_flags, reject_unknown
 
 COMMANDS = (list_cmd, convert_cmd, train_cmd, eval_cmd, partition_cmd, bench_cmd, compare_cmd)
 
@@ -25,25 +26,33 @@ def build_parser() -> argparse.ArgumentParser:
         prog="padnet", description="Partially dynamic networks (PAD-Net) in PyTorch."
     )
     parser.add_argument("--version", action="version", version=f"padnet {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=CommandParser)
     for cmd in COMMANDS:
         cmd.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (user errors print a message, status 2)."""
+    """Run the command line; returns the exit status (user errors print a message, status 2).
+
+    Errors of the top-level command line (no or an unknown subcommand) exit through argparse;
+    those of a subcommand, including bad values of config-key flags, print one line.
+    """
     parser = build_parser()
-    # Subcommands that take config keys as ``--key value`` flags set ``overrides_allowed``; the
-    # tokens argparse does not know are handed to them as ``args.overrides``.
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "overrides_allowed", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = extra
+    argv = normalize_flags(sys.argv[1:] if argv is None else argv)
+    command = "padnet"
     try:
+        args, extra = parser.parse_known_args(argv)
+        command = f"padnet {args.command}"
+        if extra:
+            reject_unknown(parser, args, extra)
         return int(args.run(args) or 0)
+    except UsageError as err:
+        print(f"{err.prog}: error: {err}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as err:
-        print(f"padnet {args.command}: error: {err}", file=sys.stderr)
+        print(f"{command}: error: {err}", file=sys.stderr)
         return 2
 
 

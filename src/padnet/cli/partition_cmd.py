@@ -15,10 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
+from padnet.cli.options import add_config_arguments, config_overrides
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("partition", help="run one-shot IMP on a model and save the masks",
                        description=__doc__, allow_abbrev=False,
+                       usage="%(prog)s (-c CONFIG | --run RUN_DIR) [--out OUT] [--eval] "
+                             "[--KEY VALUE ...]",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-c", "--config", type=Path, help="build the model from a YAML config")
@@ -26,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="a run directory written by `padnet train`")
     p.add_argument("--out", type=Path, default=None, help="output directory")
     p.add_argument("--eval", action="store_true", help="validation accuracy before and after")
-    p.set_defaults(run=run, overrides_allowed=True)
+    add_config_arguments(p)
+    p.set_defaults(run=run)
 
 
 def _model(args: argparse.Namespace) -> tuple:
@@ -35,9 +40,9 @@ def _model(args: argparse.Namespace) -> tuple:
     from padnet.train.step import seed_everything
 
     if args.run_dir is not None:
-        loaded = load_run(args.run_dir, overrides=args.overrides)
+        loaded = load_run(args.run_dir, overrides=config_overrides(args))
         return loaded.cfg, loaded.model, loaded.splits, loaded.info
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, config_overrides(args))
     if cfg.method == "none":
         raise ValueError("partition needs a dynamic method (the config has method 'none')")
     seed_everything(cfg.seed)

@@ -13,21 +13,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-def config_keys_epilog() -> str:
-    """The valid ``--key value`` flags with their defaults, for ``--help``."""
-    import textwrap
-
-    from padnet.train.config import TrainConfig
-
-    keys = ", ".join(f"{k}={v}" for k, v in TrainConfig().to_dict().items())
-    return "config keys (default):\n" + textwrap.fill(keys, 96, initial_indent="  ",
-                                                      subsequent_indent="  ")
+from padnet.cli.options import add_config_arguments, config_overrides
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a configuration (YAML config plus --key value)",
-                       description=__doc__, allow_abbrev=False, epilog=config_keys_epilog(),
+                       description=__doc__, allow_abbrev=False,
+                       usage="%(prog)s [-c CONFIG] [--resume [RUN_DIR]] [--overwrite] [--quiet] "
+                             "[--KEY VALUE ...]",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", type=Path, default=None,
                    help="YAML config file (default: the built-in defaults)")
@@ -35,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="continue a run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in out_dir")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
-    p.set_defaults(run=run, overrides_allowed=True)
+    add_config_arguments(p)
+    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     config = args.config
     if config is None and isinstance(args.resume, str):
         config = Path(args.resume) / "config.yaml"
-    cfg = load_config(config, args.overrides)
+    cfg = load_config(config, config_overrides(args))
     result = train(cfg, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if not result.is_main:
         return 0
