@@ -68,8 +68,9 @@ def test_csv_int_labels_custom_columns_and_tsv(tmp_path, minilm_path):
     rows = [(t, lab) for t, lab in zip("abcdefgh", ["10", "-1", "2", "-1", "10", "2", "2", "-1"],
                                        strict=True)]
     path = write_csv(tmp_path / "d.tsv", ["sentence", "y"], rows, delimiter="\t")
-    splits = load_dataset("csv", root=path, text_column="sentence", label_column="y",
-                          tokenizer=minilm_path, val_fraction=0.25, seed=2)
+    with pytest.warns(UserWarning, match="not 0..2"):
+        splits = load_dataset("csv", root=path, text_column="sentence", label_column="y",
+                              tokenizer=minilm_path, val_fraction=0.25, seed=2)
     assert splits.class_names == ["-1", "2", "10"] and splits.num_classes == 3
     assert splits.info["label_map"] == {"-1": 0, "2": 1, "10": 2}
     assert len(splits.train) == 6 and len(splits.val) == 2

@@ -10,6 +10,7 @@ stored in ``info["mean"]``/``info["std"]``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,8 +140,18 @@ def _to_nchw(x: np.ndarray, key: str, path: Path) -> torch.Tensor:
     if np.issubdtype(x.dtype, np.integer):
         return torch.from_numpy(np.ascontiguousarray(x).astype(np.float32) / 255.0)
     if np.issubdtype(x.dtype, np.floating):
+        finite = np.isfinite(x).reshape(len(x), -1).all(1)
+        if not finite.all():
+            first = int(np.flatnonzero(~finite)[0])
+            raise ValueError(f"{path}: '{key}' holds non-finite values (NaN or inf) in image "
+                             f"{first} ({int((~finite).sum())} image(s) in all); fix or drop them")
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     raise ValueError(f"{path}: '{key}' has dtype {x.dtype}; expected integers or floats")
+
+
+def _pixel_max(x: torch.Tensor) -> float:
+    """Largest pixel value on the scale the transform reads (integers / 255, floats as they are)."""
+    return float(x.max()) / 255.0 if not x.is_floating_point() else float(x.max())
 
 
 def load_npz(path: str | Path) -> RawImages:
@@ -149,14 +160,19 @@ def load_npz(path: str | Path) -> RawImages:
     ``class_names`` (one per class, in label order)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image array file not found: {path}. Pass root=PATH of a .npz "
-                                "with arrays x (N, H, W[, C]) and y (N,).")
+        raise FileNotFoundError(f"image array file not found: {path}. Set data_root (--data-root "
+                                "on the command line, root= in load_dataset) to a .npz with "
+                                "arrays x (N, H, W[, C]) and y (N,).")
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise ValueError(f"{path}: missing array(s) {missing}; it has {sorted(arrays)}")
-    has_test = "x_test" in arrays and "y_test" in arrays
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        given, other = ("x_test", "y_test") if "x_test" in arrays else ("y_test", "x_test")
+        raise ValueError(f"{path}: {given} without {other}: an own test split needs both "
+                         "(or neither: the test split is then drawn with test_fraction)")
+    has_test = "x_test" in arrays
     ys = np.concatenate([arrays["y"].reshape(-1)]
                         + ([arrays["y_test"].reshape(-1)] if has_test else []))
     if np.issubdtype(ys.dtype, np.floating) and np.all(ys == np.round(ys)):
@@ -168,7 +184,7 @@ def load_npz(path: str | Path) -> RawImages:
                              f"in 0..{len(names) - 1}")
         codes = torch.from_numpy(ys.astype(np.int64))
     else:
-        codes, names, _ = encode_labels(ys)
+        codes, names, _ = encode_labels(ys, f"{path}: y")
     x = _to_nchw(arrays["x"], "x", path)
     if len(x) != len(arrays["y"].reshape(-1)):
         raise ValueError(f"{path}: x has {len(x)} images but y has {arrays['y'].size} labels")
@@ -178,14 +194,51 @@ def load_npz(path: str | Path) -> RawImages:
         if len(raw.x_test) != len(raw.y_test) or raw.x_test.shape[1:] != x.shape[1:]:
             raise ValueError(f"{path}: x_test {tuple(raw.x_test.shape)} does not match "
                              f"y_test ({len(raw.y_test)}) and x {tuple(x.shape)}")
+        _check_test_split(raw, path)
     return raw
 
 
+def _check_test_split(raw: RawImages, path: Path) -> None:
+    """Same pixel scale in x and x_test; a warning for test classes never seen in training."""
+    train_max, test_max = _pixel_max(raw.x), _pixel_max(raw.x_test)
+    if (train_max <= 1.0) != (test_max <= 1.0) and max(train_max, test_max) > 2.0:
+        raise ValueError(f"{path}: x and x_test are on different pixel scales (largest value "
+                         f"{train_max:g} vs {test_max:g} after integers are divided by 255); "
+                         "store both as uint8 0..255 or both as floats in [0, 1]")
+    unseen = sorted(set(raw.y_test.tolist()) - set(raw.y.tolist()))
+    if unseen:
+        names = [raw.class_names[c] for c in unseen]
+        warnings.warn(f"{path}: class(es) {names} appear only in the test split; the model never "
+                      "sees them in training", UserWarning, stacklevel=4)
+
+
+def _open_image(path: Path):  # noqa: ANN202 - a PIL image
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path}: cannot be read as an image ({err}); remove or replace the "
+                         "file") from None
+
+
 def _is_grey(path: Path) -> bool:
+    with _open_image(path) as img:  # reads the header only
+        return img.mode in ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _read_image(path: Path, mode: str, image_size: int | None) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as img:  # reads the header only
-        return img.mode in ("1", "L", "LA", "I", "I;16", "F")
+    with _open_image(path) as img:
+        try:
+            img = img.convert(mode)
+            if image_size is not None:
+                img = img.resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+        except OSError as err:  # truncated or corrupt pixel data
+            raise ValueError(f"{path}: cannot be read as an image ({err}); remove or replace "
+                             "the file") from None
 
 
 def load_image_folder(root: str | Path, *, image_size: int | None = None,
@@ -195,11 +248,10 @@ def load_image_folder(root: str | Path, *, image_size: int | None = None,
     Images are read as grey when ``channels == 1`` or all images are grey, else as RGB; they must
     share one size unless ``image_size`` is given (then each is resized to it on loading).
     """
-    from PIL import Image  # lazy: Pillow is only needed for image folders
-
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}. Pass root=DIR with one "
+        raise FileNotFoundError(f"image folder not found: {root}. Set data_root (--data-root on "
+                                "the command line, root= in load_dataset) to a folder with one "
                                 "sub-folder of PNG/JPEG images per class.")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     files = [(f, c) for c, name in enumerate(classes) for f in sorted((root / name).iterdir())
@@ -207,15 +259,13 @@ def load_image_folder(root: str | Path, *, image_size: int | None = None,
     if not files:
         raise ValueError(f"{root}: no {'/'.join(IMAGE_EXTENSIONS)} images in class sub-folders "
                          f"(found sub-folders {classes})")
+    empty = [name for c, name in enumerate(classes) if not any(k == c for _, k in files)]
+    if empty:
+        raise ValueError(f"{root}: no images in class folder(s) {empty}; remove them or add "
+                         f"{'/'.join(IMAGE_EXTENSIONS)} images")
     mode = "L" if channels == 1 or (channels is None and all(_is_grey(f) for f, _ in files)) \
         else "RGB"
-    arrays = []
-    for f, _ in files:
-        with Image.open(f) as img:
-            img = img.convert(mode)
-            if image_size is not None:
-                img = img.resize((image_size, image_size), Image.BILINEAR)
-            arrays.append(np.asarray(img, dtype=np.uint8))
+    arrays = [_read_image(f, mode, image_size) for f, _ in files]
     sizes = sorted({a.shape[:2] for a in arrays})
     if len(sizes) > 1:
         raise ValueError(f"{root}: images differ in size ({sizes[0]} and {sizes[-1]}, ...); pass "

@@ -96,15 +96,27 @@ def load_dataset(
                             ("image_size", image_size, 1), ("channels", channels, 1)):
         check_optional(value, check_int, arg, low)
     if root is None and entry.needs_root:
-        raise ValueError(f"data set {name!r} needs root= (the path of the user's data)")
+        raise ValueError(f"data set {name!r} reads the user's own data: set data_root "
+                         "(--data-root on the command line, root= in load_dataset) to its path")
     common = {"name": name, "seed": seed, "val_fraction": val_fraction,
               "test_fraction": test_fraction, "subset": subset}
     if entry.kind == "image":
         if tokenizer is not None:
             raise ValueError(f"tokenizer is for text data sets; {name!r} holds images")
         raw = entry.load(root, image_size=image_size, channels=channels)
+        _check_classes(raw.class_names, raw.y, raw.source)
         return images.image_splits(raw, image_size=image_size, channels=channels, **common)
     if image_size is not None or channels is not None:
         raise ValueError(f"image_size/channels are for image data sets; {name!r} holds text")
     raw = entry.load(root, text_column=text_column, label_column=label_column)
+    _check_classes(raw.class_names, raw.labels, raw.source)
     return text.text_splits(raw, tokenizer=tokenizer, max_length=max_length, **common)
+
+
+def _check_classes(class_names: list[str], labels: Any, source: str) -> None:
+    """A classifier needs at least two classes among the training examples."""
+    present = sorted(set(labels.tolist()))
+    if len(present) < 2:
+        names = [class_names[c] for c in present]
+        raise ValueError(f"{source}: a classification data set needs at least two classes, "
+                         f"found {len(present)} ({names}); check the label column or files")

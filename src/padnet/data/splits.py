@@ -7,6 +7,7 @@ identical held-out examples. Permutations come from ``numpy.random.default_rng(s
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,19 +113,40 @@ def _sort_key(value: str) -> tuple[int, int | str]:
         return (1, value)
 
 
+def check_integer_labels(keys: Sequence[str], source: str) -> None:
+    """Refuse negative labels and a lone 255 next to classes ``0, 1, ...`` (markers of examples
+    to ignore, not classes) and warn when integer labels are not ``0..C-1`` (e.g. -1/1 labels).
+    ``keys``: the distinct labels, sorted."""
+    ints = [int(k) for k in keys if _sort_key(k)[0] == 0]
+    if len(ints) != len(keys) or not ints:
+        return
+    others = [v for v in ints if v != 255]
+    if 0 in ints and (ints[0] < 0 or (255 in ints and max(others) < 64)):
+        bad = ints[0] if ints[0] < 0 else 255
+        raise ValueError(f"{source}: label {bad} looks like a marker of examples to ignore, not a "
+                         f"class (labels: {ints[:8]}{'...' if len(ints) > 8 else ''}); remove "
+                         "those examples or give every example a class")
+    if ints != list(range(len(ints))):
+        warnings.warn(f"{source}: integer labels {ints[:8]}{'...' if len(ints) > 8 else ''} are "
+                      f"not 0..{len(ints) - 1}; they are mapped to 0..{len(ints) - 1} in sorted "
+                      "order", UserWarning, stacklevel=3)
+
+
 def encode_labels(
-    values: Sequence[Any] | np.ndarray,
+    values: Sequence[Any] | np.ndarray, source: str = "labels",
 ) -> tuple[torch.Tensor, list[str], dict[str, int]]:
     """Map raw labels to ``0..C-1`` in sorted order.
 
     Labels are compared as stripped strings; those that parse as integers sort numerically
-    (``-1 < 1 < 10``) and before the others, which sort lexicographically. Returns the codes
-    ``(N,)`` int64, the class names (in code order) and the mapping ``{name: code}``.
+    (``-1 < 1 < 10``) and before the others, which sort lexicographically. Integer labels are
+    checked with :func:`check_integer_labels` (``source`` names the data in messages). Returns the
+    codes ``(N,)`` int64, the class names (in code order) and the mapping ``{name: code}``.
     """
     names = [str(v.item() if isinstance(v, np.generic) else v).strip() for v in values]
     if not names:
         raise ValueError("no labels: the data set is empty")
     keys = sorted(set(names), key=_sort_key)  # integers first (numerically), then strings
+    check_integer_labels(keys, source)
     mapping = {k: i for i, k in enumerate(keys)}
     codes = torch.tensor([mapping[n] for n in names], dtype=torch.int64)
     return codes, keys, mapping

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,16 +57,22 @@ class RawTexts:
 
 def read_csv_columns(path: str | Path, text_column: str | int, label_column: str | int, *,
                      header: bool = True, lines: Iterable[str] | None = None,
-                     ) -> tuple[list[str], list[str]]:
+                     warn_empty: bool = True) -> tuple[list[str], list[str]]:
     """Texts and raw label strings from two columns of a CSV (by name, or by index without a
-    header). ``lines`` replaces the file's contents (already decoded) when given."""
+    header). ``lines`` replaces the file's contents (already decoded) when given. Empty text
+    cells are kept; ``warn_empty`` says how many and where."""
     path = Path(path)
     if lines is None:
         if not path.is_file():
-            raise FileNotFoundError(f"CSV file not found: {path}. Pass root=PATH of a CSV file "
-                                    f"with columns {text_column!r} and {label_column!r}.")
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return read_csv_columns(path, text_column, label_column, header=header, lines=f)
+            raise FileNotFoundError(f"CSV file not found: {path}. Set data_root (--data-root on "
+                                    "the command line, root= in load_dataset) to a CSV file with "
+                                    f"columns {text_column!r} and {label_column!r}.")
+        try:
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                return read_csv_columns(path, text_column, label_column, header=header, lines=f,
+                                        warn_empty=warn_empty)
+        except UnicodeDecodeError as err:
+            raise ValueError(_decode_error(path, err)) from None
     reader = csv.reader(lines, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
     if header:
         columns = next(reader, [])
@@ -76,7 +83,7 @@ def read_csv_columns(path: str | Path, text_column: str | int, label_column: str
         ti, li = columns.index(text_column), columns.index(label_column)
     else:
         ti, li = int(text_column), int(label_column)
-    texts, labels = [], []
+    texts, labels, empty = [], [], []
     for row in reader:
         if not row:
             continue
@@ -84,16 +91,39 @@ def read_csv_columns(path: str | Path, text_column: str | int, label_column: str
             raise ValueError(f"{path}, line {reader.line_num}: no label in row {row[:3]}...")
         texts.append(row[ti].strip())
         labels.append(row[li].strip())
+        if not texts[-1]:
+            empty.append(reader.line_num)
     if not texts:
         raise ValueError(f"{path}: no data rows")
+    if empty and warn_empty:
+        lines = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        warnings.warn(f"{path}: {len(empty)} empty text cell(s) (lines {lines}); they are kept "
+                      "as empty texts", UserWarning, stacklevel=3)
     return texts, labels
+
+
+def _decode_error(path: Path, err: UnicodeDecodeError) -> str:
+    """Where in ``path`` the first undecodable line is, and what to do about it."""
+    line = next((n for n, raw in enumerate(path.read_bytes().split(b"\n"), 1)
+                 if not _decodes(raw)), "?")
+    return (f"{path}, line {line}: the file is not UTF-8 ({err.reason}: byte "
+            f"0x{err.object[err.start]:02x}); save it as UTF-8 (e.g. `iconv -f cp1252 -t UTF-8 "
+            "IN > OUT` for a Windows file)")
+
+
+def _decodes(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def load_csv_texts(path: str | Path, *, text_column: str = "text",
                    label_column: str = "label") -> RawTexts:
     """Any CSV with a header: labels (strings or ints) map to ``0..C-1`` in sorted order."""
     texts, labels = read_csv_columns(path, text_column, label_column)
-    codes, names, mapping = encode_labels(labels)
+    codes, names, mapping = encode_labels(labels, f"{path}: column {label_column!r}")
     return RawTexts(texts, codes, names, str(Path(path).resolve()), mapping)
 
 
@@ -128,7 +158,9 @@ def load_rotten_tomatoes(root: str | Path | None = None) -> RawTexts:
         if path is None:
             raise
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
-        texts, categories = read_csv_columns(path, "text", "category", lines=f)
+        # 14 snippets of the published corpus are empty; they are kept as they are
+        texts, categories = read_csv_columns(path, "text", "category", lines=f,
+                                             warn_empty=False)
     keep = [i for i, c in enumerate(categories) if c != "plot"]
     unknown = {categories[i] for i in keep} - {"fresh", "rotten"}
     if unknown:
