@@ -44,10 +44,15 @@ def test_degenerate_cases():
     assert matthews_corrcoef(constant) == 0.0  # zero denominator
     inverse = confusion_matrix(1 - torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 1, 0]), 2)
     assert matthews_corrcoef(inverse) == pytest.approx(-1.0)
-    # a class absent from targets and predictions counts as F1 = 0 in the macro average
-    assert macro_f1(confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 1]), 3)) == \
-        pytest.approx(2 / 3)
     assert accuracy(torch.zeros(2, 2, dtype=torch.long)) == 0.0
+
+
+def test_macro_f1_leaves_out_classes_absent_from_targets_and_predictions():
+    # scikit-learn: f1_score([0, 1, 0, 1], [0, 1, 1, 1], average="macro") == 0.7333...
+    cm = confusion_matrix(torch.tensor([0, 1, 1, 1]), torch.tensor([0, 1, 0, 1]), 3)
+    assert macro_f1(cm) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert macro_f1(confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 1]), 3)) == 1.0
+    assert macro_f1(torch.zeros(3, 3, dtype=torch.long)) == 0.0
 
 
 def test_bad_inputs():

@@ -2,8 +2,9 @@
 
 Everything is computed from the ``(C, C)`` confusion matrix (rows: true class, columns:
 predicted class), so that data-parallel ranks only add up their matrices before computing.
-Degenerate cases follow scikit-learn: a class that is never predicted nor present contributes
-F1 = 0; MCC is 0 when its denominator is 0.
+Degenerate cases follow scikit-learn: macro F1 averages over the classes that occur in the
+targets or the predictions (as ``f1_score(average="macro")`` without ``labels=``); MCC is 0 when
+its denominator is 0.
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ def accuracy(cm: Tensor) -> float:
 
 
 def macro_f1(cm: Tensor) -> float:
-    """Unweighted mean over classes of ``2 TP / (2 TP + FP + FN)`` (0 for a class without any
-    true or predicted sample)."""
+    """Unweighted mean of ``2 TP / (2 TP + FP + FN)`` over the classes present in the targets or
+    the predictions (classes absent from both are left out, as in scikit-learn); 0 when none."""
     cm = cm.double()
     tp = cm.diagonal()
     denom = 2 * tp + (cm.sum(0) - tp) + (cm.sum(1) - tp)  # 2TP + FP + FN
-    f1 = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.zeros_like(tp))
-    return float(f1.mean()) if f1.numel() else 0.0
+    present = denom > 0
+    return float((2 * tp[present] / denom[present]).mean()) if present.any() else 0.0
 
 
 def matthews_corrcoef(cm: Tensor) -> float:
