@@ -35,7 +35,10 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().detach())
 
 
-@pytest.mark.parametrize("method", ["dyconv", "condconv", "odconv"])
+METHODS = ["dyconv", "condconv", "odconv"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("ratio", [1.0, 0.3, 0.0])
 def test_copy_init_preserves_outputs_for_any_mask(method, ratio):
     torch.manual_seed(0)
@@ -44,53 +47,107 @@ def test_copy_init_preserves_outputs_for_any_mask(method, ratio):
     before = model(x)
     padnet.dynamize(model, method, num_kernels=3, dynamic_ratio=ratio)
     assert relative_error(model(x), before) <= 1e-5
-    model.train()
-    model(x).sum().backward()  # trains after conversion
 
 
-def test_default_placement_keeps_stem_and_classifier_static():
-    model = padnet.dynamize(TinyNet(), "odconv")
-    assert type(model.stem) is nn.Conv2d and type(model.head) is nn.Linear
-    assert isinstance(model.block[0], ODConv2d) and isinstance(model.shortcut, ODConv2d)
-    report = model.padnet_report
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("ratio", [1.0, 0.3, 0.0])
+def test_converted_model_trains(method, ratio):
+    torch.manual_seed(0)
+    model = padnet.dynamize(TinyNet(), method, num_kernels=3, dynamic_ratio=ratio).train()
+    model(torch.randn(4, 3, 12, 12)).sum().backward()
+
+
+@pytest.fixture
+def odconv_net() -> TinyNet:
+    return padnet.dynamize(TinyNet(), "odconv")
+
+
+def test_default_placement_keeps_stem_and_classifier_static(odconv_net):
+    assert type(odconv_net.stem) is nn.Conv2d and type(odconv_net.head) is nn.Linear
+
+
+def test_default_placement_converts_the_inner_convolutions(odconv_net):
+    assert isinstance(odconv_net.block[0], ODConv2d) and isinstance(odconv_net.shortcut, ODConv2d)
+
+
+def test_report_lists_converted_and_skipped_modules(odconv_net):
+    report = odconv_net.padnet_report
     assert report.names == ["block.0", "block.3", "shortcut"]
     assert [(e.name, e.reason) for e in report.skipped] == [("stem", "stem")]
+
+
+def test_report_text_and_dict(odconv_net):
+    report = odconv_net.padnet_report
     assert "converted 3 module(s)" in str(report) and report.to_dict()["method"] == "odconv"
 
 
-def test_include_and_exclude_patterns():
-    model = padnet.dynamize(TinyNet(), include=["block.*", "stem"], exclude="block.3")
-    assert isinstance(model.stem, DynamicConv2d) and isinstance(model.block[0], DynamicConv2d)
-    assert type(model.block[3]) is nn.Conv2d and type(model.shortcut) is nn.Conv2d
-    reasons = {e.name: e.reason for e in model.padnet_report.skipped}
+@pytest.fixture
+def patterned_net() -> TinyNet:
+    return padnet.dynamize(TinyNet(), include=["block.*", "stem"], exclude="block.3")
+
+
+def test_include_patterns_select_the_modules(patterned_net):
+    assert isinstance(patterned_net.stem, DynamicConv2d)
+    assert isinstance(patterned_net.block[0], DynamicConv2d)
+    assert type(patterned_net.shortcut) is nn.Conv2d
+
+
+def test_exclude_patterns_win_over_include(patterned_net):
+    assert type(patterned_net.block[3]) is nn.Conv2d
+
+
+def test_report_names_the_pattern_that_skipped_a_module(patterned_net):
+    reasons = {e.name: e.reason for e in patterned_net.padnet_report.skipped}
     assert reasons == {"block.3": "excluded", "shortcut": "not in include"}
 
 
-def test_layer_arguments_pass_through_and_keep_device_dtype_mode():
+@pytest.fixture
+def double_net() -> TinyNet:
     model = TinyNet().double().eval()
     padnet.dynamize(model, "dyconv", num_kernels=2, path="mixture", scale_mode="d",
                     temperature=30.0, dynamic_ratio=0.5)
-    conv = model.block[0]
+    return model
+
+
+def test_layer_arguments_pass_through(double_net):
+    conv = double_net.block[0]
     assert conv.num_kernels == 2 and conv.path == "mixture"
     assert conv.mode_mask.scale_mode == "dynamic_only"  # "d" is its alias
-    assert conv.router.temperature == 30.0 and conv.weight.dtype == torch.float64
-    assert not conv.training and abs(conv.dynamic_ratio - 0.5) < 0.01
-    assert padnet.set_temperature(model, 1.0) == 3
+    assert conv.router.temperature == 30.0 and abs(conv.dynamic_ratio - 0.5) < 0.01
 
 
-def test_copy_noise_and_kaiming_change_the_function():
+def test_converted_layers_keep_dtype_and_mode(double_net):
+    conv = double_net.block[0]
+    assert conv.weight.dtype == torch.float64 and not conv.training
+
+
+def test_set_temperature_counts_the_layers(double_net):
+    assert padnet.set_temperature(double_net, 1.0) == 3
+
+
+def base_net_and_output() -> tuple[TinyNet, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     base = TinyNet().eval()
-    ref = base(x)
-    base2 = TinyNet().eval()
-    base2.load_state_dict(base.state_dict())
-    noisy = padnet.dynamize(base2, init="copy_noise", copy_noise_std=0.01)
+    return base, x, base(x)
+
+
+def copy_of(base: TinyNet) -> TinyNet:
+    model = TinyNet().eval()
+    model.load_state_dict(base.state_dict())
+    return model
+
+
+def test_copy_noise_changes_the_function_slightly():
+    base, x, ref = base_net_and_output()
+    noisy = padnet.dynamize(copy_of(base), init="copy_noise", copy_noise_std=0.01)
     err = relative_error(noisy(x), ref)
     assert 0 < err < 0.1
-    fresh = TinyNet().eval()
-    fresh.load_state_dict(base.state_dict())
-    assert relative_error(padnet.dynamize(fresh, init="kaiming")(x), ref) > 0.05
+
+
+def test_kaiming_init_changes_the_function():
+    base, x, ref = base_net_and_output()
+    assert relative_error(padnet.dynamize(copy_of(base), init="kaiming")(x), ref) > 0.05
 
 
 def test_already_dynamic_modules_are_left_alone():
@@ -114,14 +171,19 @@ def test_already_dynamic_modules_are_left_alone():
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        padnet.dynamize(TinyNet(), **kwargs)
+
+
+@pytest.mark.parametrize("include", ["nothing.*", "head"])
+def test_a_bad_include_pattern_leaves_the_model_unchanged(include):
     model = TinyNet()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(exc, match=match):
-        padnet.dynamize(model, **kwargs)
-    if kwargs.get("include") in ("head", "nothing.*"):  # checked before anything is replaced
-        assert type(model.shortcut) is nn.Conv2d
-        for k, v in model.state_dict().items():
-            assert torch.equal(v, state[k])
+    with pytest.raises(ValueError):
+        padnet.dynamize(model, include=include)
+    assert type(model.shortcut) is nn.Conv2d  # checked before anything is replaced
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
 
 
 def test_not_a_module():
@@ -129,7 +191,7 @@ def test_not_a_module():
         padnet.dynamize("resnet18")
 
 
-@pytest.mark.parametrize("method", ["dyconv", "condconv", "odconv"])
+@pytest.mark.parametrize("method", METHODS)
 def test_copy_noise_is_relative_to_the_copy_for_every_method(method):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 64, 3))

@@ -74,13 +74,20 @@ def batches() -> list[tuple[Tensor, Tensor]]:
              torch.randint(0, 4, (16,), generator=gen)) for _ in range(3)]
 
 
-def test_the_registered_method_is_listed_and_dynamize_preserves_outputs(toy_method) -> None:
+def test_the_registered_method_is_listed(toy_method) -> None:
     assert toy_method in method_names() and toy_method in method_names(target="linear")
+
+
+def test_dynamize_converts_with_the_registered_method(toy_method) -> None:
+    model = padnet.dynamize(mlp(), toy_method, num_factors=2)
+    assert [e.name for e in model.padnet_report.converted] == ["0", "2"]
+    assert isinstance(model[0], ToyPadLinear)
+
+
+def test_dynamize_with_the_registered_method_preserves_outputs(toy_method) -> None:
     model, x = mlp(), batches()[0][0]
     before = model(x)
     padnet.dynamize(model, toy_method, num_factors=2)
-    assert [e.name for e in model.padnet_report.converted] == ["0", "2"]
-    assert isinstance(model[0], ToyPadLinear)
     torch.testing.assert_close(model(x), before)
 
 
@@ -94,13 +101,23 @@ def test_stats_count_the_toy_weights(toy_method) -> None:
     assert table.other_params == routers_and_biases
 
 
-@pytest.mark.parametrize("score", ["taylor", "variance", "magnitude"])
-def test_partition_and_report_handle_the_toy_layer(toy_method, score) -> None:
-    model = padnet.dynamize(mlp(), toy_method, init="copy_noise", copy_noise_std=0.1)
+def partitioned_toy_model(method: str, score: str):
+    model = padnet.dynamize(mlp(), method, init="copy_noise", copy_noise_std=0.1)
     result = partition_model(model, batches(), dynamic_ratio=0.3, iterations=2, score=score,
                              static_init="mean")
+    return model, result
+
+
+@pytest.mark.parametrize("score", ["taylor", "variance", "magnitude"])
+def test_partition_handles_the_toy_layer(toy_method, score) -> None:
+    _, result = partitioned_toy_model(toy_method, score)
     assert result.layers == ["0", "2"]
     assert sum(result.num_dynamic) == round(0.3 * (48 + 32))
+
+
+@pytest.mark.parametrize("score", ["taylor", "variance", "magnitude"])
+def test_ratio_report_handles_the_toy_layer(toy_method, score) -> None:
+    model, result = partitioned_toy_model(toy_method, score)
     report = layer_ratio_report(model)
     assert report.layers == ["0", "2"] and report.num_dynamic == result.num_dynamic
     assert "0" in str(report)
