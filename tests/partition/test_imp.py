@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
-from padnet.layers import DynamicConv2d, ModeMask, ODConv2d, PadLayer, PadWeight, find_pad_weights
+from padnet.layers import (
+    DynamicConv2d,
+    ModeMask,
+    MoE,
+    ODConv2d,
+    PadLayer,
+    PadWeight,
+    find_pad_weights,
+)
 from padnet.partition import (
     IterativePartition,
     ThetaObserver,
@@ -40,26 +46,35 @@ def masks_of(model: nn.Module) -> list[torch.Tensor]:
     return [m.mask.clone() for m in model.modules() if isinstance(m, ModeMask)]
 
 
+def iterations(schedule: str, scope: str, granularity: str):
+    """Run a three-iteration IMP on the tiny model; yield it and its result after each one."""
+    imp = IterativePartition(tiny_model(), tiny_data(2), dynamic_ratio=0.3, iterations=3,
+                             schedule=schedule, scope=scope, granularity=granularity,
+                             num_batches=2, bn_mode="eval")
+    while not imp.done:
+        yield imp, imp.run_iteration()
+
+
+@pytest.mark.parametrize("schedule", ["exponential", "linear"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_channel_granularity_turns_whole_channels(schedule, scope):
+    for imp, _ in iterations(schedule, scope, "channel"):
+        for e in imp.entries:
+            per_channel = e.mode_mask.mask.reshape(e.mode_mask.shape[0], -1)
+            assert (per_channel.all(1) | ~per_channel.any(1)).all()
+
+
 @pytest.mark.parametrize("schedule", ["exponential", "linear"])
 @pytest.mark.parametrize("scope", ["global", "layer"])
 @pytest.mark.parametrize("granularity", ["element", "channel"])
 def test_counts_exact_after_every_iteration(schedule, scope, granularity):
-    model = tiny_model()
-    imp = IterativePartition(model, tiny_data(2), dynamic_ratio=0.3, iterations=3,
-                             schedule=schedule, scope=scope, granularity=granularity,
-                             num_batches=2, bn_mode="eval")
-    entries = imp.entries
-    sizes = [e.mode_mask.numel // e.mode_mask.shape[0] for e in entries]
-    total = sum(e.mode_mask.numel for e in entries)
-    while not imp.done:
-        result = imp.run_iteration()
+    for imp, result in iterations(schedule, scope, granularity):
+        entries = imp.entries
+        sizes = [e.mode_mask.numel // e.mode_mask.shape[0] for e in entries]
+        total = sum(e.mode_mask.numel for e in entries)
         kappa = imp.kappas[imp.iteration - 1]
         counts = [e.mode_mask.num_dynamic for e in entries]
         assert result.num_dynamic == counts
-        if granularity == "channel":  # whole channels only
-            for e in entries:
-                per_channel = e.mode_mask.mask.reshape(e.mode_mask.shape[0], -1)
-                assert (per_channel.all(1) | ~per_channel.any(1)).all()
         if scope == "layer" and granularity == "element":
             assert counts == [round(kappa * e.mode_mask.numel) for e in entries]
         elif scope == "layer":
@@ -79,11 +94,20 @@ def test_partition_leaves_no_grads_and_no_mask_override():
     assert all(m.mask_override is None for m in model.modules() if isinstance(m, ModeMask))
 
 
-def test_scoring_pass_mask_gradients_match_a_manual_backward():
+def double_model_and_data() -> tuple[nn.Module, list]:
     model = tiny_model(bn=False).double().eval()
-    data = [(x.double(), y) for x, y in tiny_data(2)]
-    grads = scoring_pass(model, data, find_pad_weights(model), default_loss).grads
+    return model, [(x.double(), y) for x, y in tiny_data(2)]
+
+
+def test_scoring_pass_leaves_no_parameter_gradients():
+    model, data = double_model_and_data()
+    scoring_pass(model, data, find_pad_weights(model), default_loss)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_scoring_pass_mask_gradients_match_a_manual_backward():
+    model, data = double_model_and_data()
+    grads = scoring_pass(model, data, find_pad_weights(model), default_loss).grads
     pads = [m for m in model.modules() if isinstance(m, ModeMask)]
     for p in pads:
         p.mask_override = p.mask.double().requires_grad_(True)
@@ -94,41 +118,80 @@ def test_scoring_pass_mask_gradients_match_a_manual_backward():
         p.mask_override = None
 
 
+def random_partition():
+    return partition_model(tiny_model(), tiny_data(), dynamic_ratio=0.2, iterations=4,
+                           score="random")
+
+
 def test_flips_back_to_dynamic_happen():
-    model = tiny_model()
-    result = partition_model(model, tiny_data(), dynamic_ratio=0.2, iterations=4, score="random")
+    result = random_partition()
     assert len(result.flipped_to_dynamic) == 4 and sum(result.flipped_to_dynamic[1:]) > 0
+
+
+def test_last_iteration_reaches_the_target_ratio_exactly():
+    result = random_partition()
     assert result.kappas[-1] == 0.2 and sum(result.num_dynamic) == round(0.2 * sum(result.numel))
 
 
-def test_deterministic_given_a_seed():
-    base = tiny_model()
-    runs = {}
-    for key, score, seed in (("t0", "taylor", 0), ("t0b", "taylor", 0), ("r0", "random", 0),
-                             ("r0b", "random", 0), ("r1", "random", 1)):
-        model = copy.deepcopy(base).train()
-        partition_model(model, tiny_data(), dynamic_ratio=0.4, iterations=2, score=score, seed=seed,
-                  bn_mode="train", static_init="mean")
-        runs[key] = masks_of(model) + [model[0].static_weight.detach().clone()]
-    for a, b in (("t0", "t0b"), ("r0", "r0b")):
-        assert all(torch.equal(x, y) for x, y in zip(runs[a], runs[b], strict=True))
-    assert not all(torch.equal(x, y) for x, y in zip(runs["r0"], runs["r1"], strict=True))
+def partition_state(score: str, seed: int) -> list[torch.Tensor]:
+    """Masks and the first static weight after a seeded two-iteration partition."""
+    model = tiny_model().train()
+    partition_model(model, tiny_data(), dynamic_ratio=0.4, iterations=2, score=score, seed=seed,
+                    bn_mode="train", static_init="mean")
+    return masks_of(model) + [model[0].static_weight.detach().clone()]
 
 
-@pytest.mark.parametrize("bn_mode", ["train", "eval"])
-@pytest.mark.parametrize("training", [True, False])
-def test_batchnorm_modes_restore_buffers_and_flags(bn_mode, training):
+@pytest.mark.parametrize("score", ["taylor", "random"])
+def test_deterministic_given_a_seed(score):
+    a, b = partition_state(score, 0), partition_state(score, 0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_random_score_depends_on_the_seed():
+    a, b = partition_state("random", 0), partition_state("random", 1)
+    assert not all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def partition_with_batchnorm(bn_mode: str, training: bool):
+    """The tiny model with non-trivial BN running statistics, its state before (masks left
+    out), and the partition result."""
     model = tiny_model().train(training)
-    with torch.no_grad():  # non-trivial running statistics
+    with torch.no_grad():
         model[1].running_mean.uniform_(-1, 1)
         model[1].running_var.uniform_(0.5, 2)
     before = {k: v.clone() for k, v in model.state_dict().items() if "mask" not in k}
     result = partition_model(model, tiny_data(), dynamic_ratio=0.5, bn_mode=bn_mode, iterations=2)
+    return model, before, result
+
+
+BN_CASES = pytest.mark.parametrize(("bn_mode", "training"),
+                                   [("train", True), ("train", False), ("eval", True),
+                                    ("eval", False)])
+
+
+@BN_CASES
+def test_static_init_keep_changes_no_parameter_or_buffer(bn_mode, training):
+    model, before, _ = partition_with_batchnorm(bn_mode, training)
     after = model.state_dict()
     for k, v in before.items():
-        assert torch.equal(v, after[k]), k  # keep: no parameter or buffer changed
+        assert torch.equal(v, after[k]), k
+
+
+@BN_CASES
+def test_partition_restores_the_training_flags(bn_mode, training):
+    model, _, _ = partition_with_batchnorm(bn_mode, training)
     assert all(m.training == training for m in model.modules())
+
+
+@BN_CASES
+def test_partition_with_batchnorm_leaves_no_grads(bn_mode, training):
+    model, _, _ = partition_with_batchnorm(bn_mode, training)
     assert all(p.grad is None for p in model.parameters())
+
+
+@BN_CASES
+def test_partition_with_batchnorm_reaches_the_target_ratio(bn_mode, training):
+    _, _, result = partition_with_batchnorm(bn_mode, training)
     assert result.total_ratio == 0.5
 
 
@@ -141,13 +204,21 @@ def test_bn_mode_changes_the_scores():
     assert not all(torch.equal(a, b) for a, b in zip(res["train"], res["eval"], strict=True))
 
 
-def test_static_init_mean_and_keep():
+def static_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [e.static.detach().clone() for e in find_pad_weights(model)]
+
+
+def test_static_init_keep_leaves_the_static_weights():
     model = tiny_model()
-    stored = [e.static.detach().clone() for e in find_pad_weights(model)]
+    stored = static_weights(model)
     partition_model(model, tiny_data(), dynamic_ratio=0.4, static_init="keep", score="magnitude")
     assert all(torch.equal(a, e.static) for a, e in zip(stored, find_pad_weights(model),
                                                          strict=True))
+
+
+def test_static_init_mean_sets_turned_positions_to_the_scaled_mean():
     model = tiny_model()
+    stored = static_weights(model)
     data = tiny_data()
     entries = find_pad_weights(model)
     for e in entries:  # lam_d != lam_s; then the expected means, observed through the hooks
@@ -171,7 +242,7 @@ def test_static_init_mean_skips_prune_mode():
     model = tiny_model()
     for e in find_pad_weights(model):
         e.mode_mask.set_scale_mode("prune")
-    stored = [e.static.detach().clone() for e in find_pad_weights(model)]
+    stored = static_weights(model)
     partition_model(model, tiny_data(), dynamic_ratio=0.4, static_init="mean")
     assert all(torch.equal(a, e.static) for a, e in zip(stored, find_pad_weights(model),
                                                          strict=True))
@@ -206,20 +277,21 @@ class FakeMoE(PadLayer):
                 PadWeight("pad2", self.mode_mask2, self.w2, self.w2_static)]
 
 
-def test_a_custom_pad_layer_with_dict_batches_and_loss_fn():
+def test_find_pad_weights_lists_a_custom_layers_weights():
     model = FakeMoE()
     names = [(e.name, e.dynamic is model.w1 or e.dynamic is model.w2) for e in
              find_pad_weights(model)]
     assert names == [("pad1", True), ("pad2", True)]
 
+
+def test_a_custom_pad_layer_with_dict_batches_and_loss_fn():
     def loss_fn(m, batch):
         return (m(batch["x"]) - batch["y"]).square().mean()
 
     data = [{"x": torch.randn(5, 2), "y": torch.randn(5, 2)} for _ in range(2)]
-    result = partition_model(model, data, dynamic_ratio=0.5, loss_fn=loss_fn, granularity="channel",
-                       scope="layer")
+    result = partition_model(FakeMoE(), data, dynamic_ratio=0.5, loss_fn=loss_fn,
+                             granularity="channel", scope="layer")
     assert result.num_dynamic == [4, 4] and result.layers == ["pad1", "pad2"]
-
 
 
 class DictOutput(nn.Module):
@@ -238,8 +310,12 @@ class DictOutput(nn.Module):
 
 def test_dict_batches_use_the_model_loss():
     batch = {"x": torch.randn(5, 2), "labels": torch.randint(0, 2, (5,))}
-    result = partition_model(DictOutput(), [batch], dynamic_ratio=0.5)
+    # per layer: half of each weight's 8 positions whatever the (unseeded) weights score
+    result = partition_model(DictOutput(), [batch], dynamic_ratio=0.5, scope="layer")
     assert result.num_dynamic == [4, 4]
+
+
+def test_dict_batches_without_labels_raise():
     with pytest.raises(ValueError, match="returned no loss: put the labels in the batch"):
         partition_model(DictOutput(), [{"x": torch.randn(5, 2)}], dynamic_ratio=0.5)
 
@@ -268,23 +344,34 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, match):
         partition_model(args.pop("model"), args.pop("data"), **args)
 
 
-def test_non_finite_loss_and_bad_step_window():
-    model = tiny_model()
+def test_non_finite_scoring_loss_raises():
     with pytest.raises(ValueError, match="non-finite scoring loss"):
-        partition_model(model, [(torch.full((2, 2, 6, 6), float("nan")), torch.zeros(2).long())],
-                  dynamic_ratio=0.5)
+        partition_model(tiny_model(),
+                        [(torch.full((2, 2, 6, 6), float("nan")), torch.zeros(2).long())],
+                        dynamic_ratio=0.5)
+
+
+def test_end_step_before_start_step_raises():
     with pytest.raises(ValueError, match="end_step must be >= start_step=3, got 2"):
-        IterativePartition(model, tiny_data(1), dynamic_ratio=0.5, start_step=3, end_step=2)
+        IterativePartition(tiny_model(), tiny_data(1), dynamic_ratio=0.5, start_step=3,
+                           end_step=2)
 
 
-def test_real_moe_layer_is_partitioned_through_its_masks():
-    from padnet.layers.moe import MoE
-
+def partitioned_moe():
     torch.manual_seed(0)
     moe = MoE(8, 12, num_experts=4, top_k=2)
     data = [torch.randn(10, 8) for _ in range(2)]
     result = partition_model(moe, data, dynamic_ratio=0.3, iterations=2,
-                       loss_fn=lambda m, x: m(x).square().mean())
+                             loss_fn=lambda m, x: m(x).square().mean())
+    return moe, result
+
+
+def test_real_moe_layer_is_partitioned_through_its_masks():
+    _, result = partitioned_moe()
     assert result.layers == ["w1", "w2"]
     assert sum(result.num_dynamic) == round(0.3 * 2 * 96)
+
+
+def test_partitioning_a_moe_layer_leaves_no_grads():
+    moe, _ = partitioned_moe()
     assert all(p.grad is None for p in moe.parameters())

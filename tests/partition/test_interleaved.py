@@ -54,18 +54,43 @@ class CountingData:
             yield item
 
 
-def test_iterations_run_at_their_steps_and_masks_freeze():
+def stepped_partition():
+    """Three iterations over steps 2..8 (two batches each), stepped through steps 1..11.
+
+    Returns the model, its counting data, the partition and the steps that ran an iteration."""
     model, data = small_model(), CountingData(batches(5))
     imp = IterativePartition(model, data, dynamic_ratio=0.3, iterations=3, start_step=2,
                              end_step=8, num_batches=2)
-    assert imp.schedule_steps == [4, 6, 8]
     ran = [step for step in range(1, 12) if imp.step() is not None]
+    return model, data, imp, ran
+
+
+def test_iterations_are_spread_over_the_window():
+    imp = IterativePartition(small_model(), batches(5), dynamic_ratio=0.3, iterations=3,
+                             start_step=2, end_step=8, num_batches=2)
+    assert imp.schedule_steps == [4, 6, 8]
+
+
+def test_iterations_run_at_their_steps():
+    _, _, imp, ran = stepped_partition()
     assert ran == [4, 6, 8] and imp.done and imp.iteration == 3
+
+
+def test_each_iteration_draws_num_batches_batches():
+    _, data, imp, _ = stepped_partition()
     assert data.drawn == 6 and imp.source.consumed == 6  # 3 passes x 2 batches, cycled
+
+
+def test_masks_freeze_after_the_last_iteration():
+    model, _, imp, _ = stepped_partition()
     frozen = masks_of(model)
     for _ in range(3):
         assert imp.step() is None
     assert all(torch.equal(a, b) for a, b in zip(frozen, masks_of(model), strict=True))
+
+
+def test_run_iteration_after_the_last_raises():
+    _, _, imp, _ = stepped_partition()
     with pytest.raises(RuntimeError, match="already ran"):
         imp.run_iteration()
 
@@ -112,19 +137,27 @@ def test_resume_in_the_middle_gives_the_same_final_mask():
     assert state["history"]["flipped_to_dynamic"] == state_resumed["history"]["flipped_to_dynamic"]
 
 
-def test_state_dict_is_plain_data():
+def state_after_one_step() -> dict:
     imp = IterativePartition(small_model(), batches(3), dynamic_ratio=0.3, iterations=2,
                              end_step=2, num_batches=1)
     imp.step()
-    state = imp.state_dict()
+    return imp.state_dict()
+
+
+def test_state_dict_is_plain_data():
+    state = state_after_one_step()
     masks = state.pop("masks")
     json.dumps(state)  # everything but the masks is JSON-able
     assert all(m.dtype == torch.bool for m in masks.values())
+
+
+def test_loading_a_state_saved_with_another_ratio_raises():
+    state = state_after_one_step()
     other = IterativePartition(small_model(), batches(3), dynamic_ratio=0.4, iterations=2,
                                end_step=2, num_batches=1)
     with pytest.raises(ValueError, match="saved with dynamic_ratio=0.3, this partition has "
                                          "dynamic_ratio=0.4"):
-        other.load_state_dict({**state, "masks": masks})
+        other.load_state_dict(state)
 
 
 def test_training_between_iterations_changes_the_scores():

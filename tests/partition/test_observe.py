@@ -52,15 +52,25 @@ def test_moe_moments_are_the_per_token_mixed_weights_without_padding() -> None:
         torch.testing.assert_close(var, theta.var(0, unbiased=False))
 
 
-def test_hooks_are_removed_on_exit_and_nothing_is_left_on_the_layer() -> None:
+def observed_layer() -> tuple[DynamicConv2d, ThetaObserver, torch.Tensor]:
+    """A layer observed for one forward of two samples, after the observer exited."""
     layer = DynamicConv2d(3, 4, 3, num_kernels=2)
     x = torch.randn(2, 3, 5, 5)
     with ThetaObserver(layer) as observer:
         layer(x)
+    return layer, observer, x
+
+
+def test_hooks_are_removed_on_exit() -> None:
+    layer, observer, x = observed_layer()
     count = observer.sums[id(layer.mode_mask)][2]
     layer(x)
     assert observer.sums[id(layer.mode_mask)][2] == count == 2
     assert not layer._routing_hooks
+
+
+def test_observer_leaves_no_state_on_the_layer() -> None:
+    layer, _, _ = observed_layer()
     assert set(layer.state_dict()) == {k for k in layer.state_dict() if "theta" not in k}
 
 
