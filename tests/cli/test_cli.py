@@ -18,16 +18,16 @@ def test_list_prints_models_and_methods(capsys):
     assert "resnet20" in out and "mobilenet_v2" not in out and "dyconv" in out
 
 
+def test_convert_with_a_data_dir_lacking_the_files_says_how_to_get_them(tmp_path, capsys):
+    argv = ["convert", "--model", "resnet8", "--check", "--data-dir", str(tmp_path)]
+    assert main(argv) == 2
+    assert "apt-get" in capsys.readouterr().err
+
+
 def test_convert_checks_and_saves_loadable_weights(tmp_path, capsys):
     out_dir = tmp_path / "run"
     argv = ["convert", "--model", "resnet8", "--method", "condconv", "--dynamic-ratio", "0.5",
-            "--check", "--batch-size", "4", "--image-size", "16", "--data-dir", str(tmp_path),
-            "--out", str(out_dir)]
-    # an explicit --data-dir without the files is an error that says how to get them
-    assert main(argv) == 2
-    assert "apt-get" in capsys.readouterr().err
-    argv.remove("--data-dir")
-    argv.remove(str(tmp_path))
+            "--check", "--batch-size", "4", "--image-size", "16", "--out", str(out_dir)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "condconv: converted" in out and "top-1 agreement 100.0%" in out
@@ -39,6 +39,15 @@ def test_convert_checks_and_saves_loadable_weights(tmp_path, capsys):
     model.load_state_dict(load_file(out_dir / "model.safetensors"))
     assert abs(padnet.stats(model).dynamic_ratio - 0.5) < 0.01
     assert not list(out_dir.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_convert_takes_a_training_config_and_include_patterns(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: resnet8\nwidth: 4\nmethod: odconv\nnum_kernels: 2\n"
+                      "dynamic_ratio: 0.5\nlr: 0.01\nimp_score: magnitude\n")
+    assert main(["convert", "-c", str(config), "--include", "layer1.*,layer2.0.conv1"]) == 0
+    out = capsys.readouterr().out
+    assert "odconv: converted 3" in out and "layer3.0.conv1: Conv2d left static" in out
 
 
 @pytest.mark.parametrize(

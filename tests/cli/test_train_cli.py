@@ -34,7 +34,7 @@ def config(tmp_path):
     return path
 
 
-def test_train_stop_resume_eval(config, tmp_path, capsys):
+def test_train_stops_and_resumes_from_its_own_config(config, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "-c", str(config), "--epochs", "2", "--stop-after", "3",
                  "--quiet"]) == 0
@@ -44,16 +44,21 @@ def test_train_stop_resume_eval(config, tmp_path, capsys):
     assert "done: val_acc" in out and "test_acc" in out and "dynamic ratio 0.500" in out
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"] and rows[-1]["test_acc"]
+
+
+def test_eval_reproduces_the_summary(config, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "-c", str(config), "--quiet"]) == 0
     assert main(["eval", str(run), "--out", str(tmp_path / "eval.json")]) == 0
     out = capsys.readouterr().out
     assert "val: loss" in out and "test: loss" in out
     result = json.loads((tmp_path / "eval.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     assert result["val"]["acc"] == pytest.approx(summary["final"]["val_acc"])
-    assert main(["eval", str(run), "--split", "val", "--checkpoint"]) == 0
+    assert main(["eval", str(run), "--split", "val", "--checkpoint", "--device", "cpu"]) == 0
 
 
-def test_partition_from_run_and_from_config(config, tmp_path, capsys):
+def test_partition_of_a_trained_run(config, tmp_path, capsys):
     assert main(["train", "-c", str(config), "--method", "condconv", "--imp-mode", "none",
                  "--dynamic-ratio", "1.0", "--quiet"]) == 0
     out = tmp_path / "part"
@@ -66,12 +71,16 @@ def test_partition_from_run_and_from_config(config, tmp_path, capsys):
     assert abs(dynamic - 0.25) < 0.01
     assert json.loads((out / "partition.json").read_text())["iteration"] == 2
     assert main(["eval", str(out), "--split", "test"]) == 0  # the output is a run directory
+
+
+def test_partition_of_a_model_built_from_a_config(config, tmp_path, capsys):
     assert main(["partition", "-c", str(config), "--imp-granularity", "channel",
                  "--out", str(tmp_path / "fresh")]) == 0
     assert "granularity=channel" in capsys.readouterr().out
+    assert "imp_mode: none" in (tmp_path / "fresh" / "config.yaml").read_text()
 
 
-def test_bench_from_flags_and_from_run(config, tmp_path, capsys):
+def test_bench_of_a_model_given_by_flags(tmp_path, capsys):
     assert main(["bench", "--model", "resnet8", "--width", "4", "--method", "dyconv",
                  "--dynamic-ratio", "0.3", "--batch-sizes", "1,4", "--reps", "2",
                  "--image-size", "8", "--out", str(tmp_path / "bench.csv")]) == 0
@@ -79,6 +88,9 @@ def test_bench_from_flags_and_from_run(config, tmp_path, capsys):
     for name in ("static", "dynamic", "pad"):
         assert name in out
     assert len((tmp_path / "bench.csv").read_text().splitlines()) == 1 + 2 * 3
+
+
+def test_bench_of_a_trained_run(config, tmp_path, capsys):
     assert main(["train", "-c", str(config), "--quiet"]) == 0
     assert main(["bench", "--run", str(tmp_path / "run"), "--batch-sizes", "2",
                  "--reps", "1"]) == 0

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from padnet.train.config import TrainConfig, load_config, parse_overrides
+from padnet.train.config import (
+    ImpConfig,
+    TrainConfig,
+    config_choices,
+    load_config,
+    parse_overrides,
+)
 
 
 def write(tmp_path, text: str):
@@ -67,10 +73,43 @@ def test_bad_files(tmp_path):
         load_config(write(tmp_path, "- a\n- b\n"))
 
 
-def test_parse_overrides_and_replace():
+def test_parse_overrides_checks_keys_and_keeps_strings():
     assert parse_overrides(["--lr", "0.1", "--out_dir=x"]) == {"lr": "0.1", "out_dir": "x"}
+
+
+def test_replace_coerces_and_leaves_the_original():
     cfg = TrainConfig().replace(method="dyconv", dynamic_ratio="0.5")
     assert cfg.dynamic_ratio == 0.5 and TrainConfig().method == "none"
+
+
+def test_imp_keys_are_flat_outside_and_a_group_inside(tmp_path):
+    cfg = load_config(None, ["--method", "dyconv", "--imp-mode", "interleaved",
+                             "--imp-score", "magnitude", "--imp-iterations", "3"])
+    assert cfg.imp == ImpConfig(mode="interleaved", score="magnitude", iterations=3)
+    flat = cfg.to_dict()
+    assert flat["imp_score"] == "magnitude" and "imp" not in flat
+    assert list(flat) == TrainConfig.keys()
+    assert "imp_static_init" in TrainConfig.keys() and "imp" not in TrainConfig.keys()
+    assert "imp_mode: interleaved" in cfg.to_yaml()
+    assert cfg.replace(imp_mode="none").imp.mode == "none" and cfg.imp.mode == "interleaved"
+    assert load_config(write(tmp_path, cfg.to_yaml())) == cfg
+    with pytest.raises(ValueError, match="unknown config key 'imp'"):
+        TrainConfig.from_dict({"imp": {"mode": "oneshot"}})
+
+
+def test_choices_come_from_the_tables_that_define_them():
+    from padnet.convert import method_names
+    from padnet.layers import INITS, SCALE_MODES
+    from padnet.partition import OPTIONS, SCORES
+
+    choices = config_choices()
+    assert choices["method"] == ("none", *method_names())
+    assert choices["imp_score"] == tuple(SCORES.names())
+    assert choices["imp_granularity"] == tuple(OPTIONS["granularity"])
+    assert choices["init"] == tuple(INITS)
+    assert set(SCALE_MODES) | {"s", "d"} == set(choices["scale_mode"])
+    for mode in ("s", "d", "static_only"):  # aliases stay accepted in configs
+        assert TrainConfig().replace(scale_mode=mode).scale_mode == mode
 
 
 def test_oneshot_taylor_after_exact_copies_warns():

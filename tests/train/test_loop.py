@@ -21,15 +21,19 @@ TINY = ["--model", "resnet8", "--width", "4", "--batch-size", "16", "--val-fract
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def tiny_npz(tmp_path):
+def write_tiny_npz(directory):
     """96 grey 8x8 images of 3 classes (class = brightness) as x, y arrays."""
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 96)
     x = (rng.random((96, 8, 8)) * 80 + y[:, None, None] * 60).astype(np.uint8)
-    path = tmp_path / "tiny.npz"
+    path = directory / "tiny.npz"
     np.savez(path, x=x, y=y)
     return path
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    return write_tiny_npz(tmp_path)
 
 
 def tiny_config(npz, out, *extra):
@@ -48,28 +52,47 @@ def without_times(history):
     return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in history]
 
 
-def test_resume_mid_epoch_ends_with_identical_weights(tiny_npz, tmp_path):
-    extra = ["--method", "dyconv", "--dynamic-ratio", "0.4", "--imp-mode", "interleaved",
-             "--imp-iterations", "3", "--imp-num-batches", "1", "--imp-warmup-fraction", "0.6",
-             "--optimizer", "adamw", "--lr", "0.01", "--epochs", "2", "--warmup-steps", "2",
-             "--grad-clip", "1.0", "--save-every", "2"]
-    full = train(tiny_config(tiny_npz, tmp_path / "full", *extra), quiet=True)
+#: interleaved IMP, AdamW, warm-up, clipping and checkpoints within epochs: 2 epochs of 4 steps
+RESUME_ARGS = ["--method", "dyconv", "--dynamic-ratio", "0.4", "--imp-mode", "interleaved",
+               "--imp-iterations", "3", "--imp-num-batches", "1", "--imp-warmup-fraction", "0.6",
+               "--optimizer", "adamw", "--lr", "0.01", "--epochs", "2", "--warmup-steps", "2",
+               "--grad-clip", "1.0", "--save-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """An uninterrupted run of RESUME_ARGS: ``(its TrainResult, its run directory)``."""
+    directory = tmp_path_factory.mktemp("full")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        npz = write_tiny_npz(directory)
+        return train(tiny_config(npz, directory / "run", *RESUME_ARGS), quiet=True), \
+            directory / "run"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_resume_mid_epoch_ends_with_identical_weights(full_run, tiny_npz, tmp_path):
+    full, _ = full_run
     # killed after step 3 (mid-epoch, after the checkpoint of step 2 and a stop checkpoint)
-    part = train(tiny_config(tiny_npz, tmp_path / "cut", *extra, "--stop-after", "3"),
+    part = train(tiny_config(tiny_npz, tmp_path / "cut", *RESUME_ARGS, "--stop-after", "3"),
                  quiet=True)
     assert part.stopped and not (tmp_path / "cut" / "model.safetensors").exists()
-    again = train(tiny_config(tiny_npz, tmp_path / "cut", *extra, "--stop-after", "5"),
+    again = train(tiny_config(tiny_npz, tmp_path / "cut", *RESUME_ARGS, "--stop-after", "5"),
                   resume=True, quiet=True)
     assert again.stopped
-    done = train(tiny_config(tiny_npz, tmp_path / "other", *extra), resume=tmp_path / "cut",
-                 quiet=True)
+    done = train(tiny_config(tiny_npz, tmp_path / "other", *RESUME_ARGS),
+                 resume=tmp_path / "cut", quiet=True)
     assert not done.stopped
     assert_same_weights(full.model, done.model)
     assert without_times(full.history) == without_times(done.history)
     assert abs(done.summary["stats"]["dynamic_ratio"] - 0.4) < 0.01
     assert done.summary["imp"]["iteration"] == 3
 
-    run = tmp_path / "full"
+
+def test_run_directory_holds_config_metrics_checkpoint_weights_and_summary(full_run):
+    _, run = full_run
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "metrics.csv", "checkpoint", "model.safetensors",
             "summary.json"} <= names and not any(n.startswith(".") for n in names)
@@ -86,17 +109,23 @@ def test_resume_mid_epoch_ends_with_identical_weights(tiny_npz, tmp_path):
     assert summary["final"]["epoch"] == 2 and summary["steps"] == 8
 
 
-def test_oneshot_partition_and_run_directory_guard(tiny_npz, tmp_path):
+def test_oneshot_partition_reaches_the_ratio(tiny_npz, tmp_path):
     cfg = tiny_config(tiny_npz, tmp_path / "run", "--method", "condconv", "--dynamic-ratio",
                       "0.25", "--imp-mode", "oneshot", "--imp-iterations", "2",
                       "--imp-granularity", "channel", "--epochs", "1", "--schedule", "linear",
                       "--init", "copy_noise")
     result = train(cfg, quiet=True)
     assert abs(result.summary["stats"]["dynamic_ratio"] - 0.25) < 0.05
+    assert result.summary["imp"]["iteration"] == 2
     assert result.history[0]["temperature"] is None  # CondConv has no temperature
+
+
+def test_an_existing_run_is_replaced_only_with_overwrite(tiny_npz, tmp_path):
+    cfg = tiny_config(tiny_npz, tmp_path / "run", "--epochs", "1")
+    train(cfg, quiet=True)
     with pytest.raises(ValueError, match="already holds a run"):
         train(cfg, quiet=True)
-    train(cfg, quiet=True, overwrite=True)
+    assert not train(cfg, quiet=True, overwrite=True).stopped
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train(cfg.replace(out_dir=str(tmp_path / "empty")), resume=True, quiet=True)
 
