@@ -11,15 +11,20 @@ from padnet.ops import dispatch as dsp
 from padnet.ops import routing as rt
 from reference_moe import capacity_oracle, load_balance_oracle
 
+TIED = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 2.0, 2.0, 2.0], [3.0, 3.0, 3.0, 3.0]])
+
 
 def test_top_k_ties_go_to_the_lower_expert_index() -> None:
-    logits = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 2.0, 2.0, 2.0], [3.0, 3.0, 3.0, 3.0]])
     for _ in range(3):  # deterministic from run to run
-        gates, experts = rt.top_k_gating(logits, 2)
+        _, experts = rt.top_k_gating(TIED, 2)
         assert experts.tolist() == [[0, 1], [1, 2], [0, 1]]
-        torch.testing.assert_close(gates, torch.full((3, 2), 0.5))
     big = torch.zeros(1000, 8)  # all tied, many tokens: still expert 0, 1, 2
     assert (rt.top_k_gating(big, 3)[1] == torch.tensor([0, 1, 2])).all()
+
+
+def test_tied_experts_get_equal_gates() -> None:
+    gates, _ = rt.top_k_gating(TIED, 2)
+    torch.testing.assert_close(gates, torch.full((3, 2), 0.5))
 
 
 def test_gates_are_the_softmax_over_the_kept_logits() -> None:
@@ -66,18 +71,33 @@ def test_z_loss_hand_computed() -> None:
     assert rt.router_z_loss(logits).item() == pytest.approx(expected)
 
 
-def test_padding_tokens_do_not_change_the_aux_losses() -> None:
+def real_and_padded_logits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Six real tokens' logits, the same with five padding tokens (extreme logits) in the middle,
+    and the mask of real tokens."""
     torch.manual_seed(1)
     real = torch.randn(6, 4)
-    padded = torch.cat([real[:3], 50 * torch.randn(5, 4), real[3:]])  # extreme padding logits
+    padded = torch.cat([real[:3], 50 * torch.randn(5, 4), real[3:]])
     valid = torch.tensor([True] * 3 + [False] * 5 + [True] * 3)
-    for k in (1, 2):
-        _, e_real = rt.top_k_gating(real, k)
-        _, e_pad = rt.top_k_gating(padded, k)
-        torch.testing.assert_close(
-            rt.load_balancing_loss(padded, e_pad, valid), rt.load_balancing_loss(real, e_real)
-        )
+    return real, padded, valid
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_padding_tokens_do_not_change_the_load_balancing_loss(k: int) -> None:
+    real, padded, valid = real_and_padded_logits()
+    _, e_real = rt.top_k_gating(real, k)
+    _, e_pad = rt.top_k_gating(padded, k)
+    torch.testing.assert_close(
+        rt.load_balancing_loss(padded, e_pad, valid), rt.load_balancing_loss(real, e_real)
+    )
+
+
+def test_padding_tokens_do_not_change_the_z_loss() -> None:
+    real, padded, valid = real_and_padded_logits()
     torch.testing.assert_close(rt.router_z_loss(padded, valid), rt.router_z_loss(real))
+
+
+def test_z_loss_without_real_tokens_is_zero() -> None:
+    _, padded, _ = real_and_padded_logits()
     none_valid = torch.zeros(11, dtype=torch.bool)  # no real token at all: 0, not NaN
     assert rt.router_z_loss(padded, none_valid).item() == 0.0
 
@@ -87,6 +107,9 @@ def test_capacity_hand_computed_slot_priority() -> None:
     experts = torch.tensor([[0, 1], [1, 0], [0, 2]])
     keep = rt.capacity_keep(experts, 3, 1)
     assert keep.tolist() == [[True, False], [True, False], [False, True]]
+
+
+def test_expert_capacity_formula() -> None:
     assert rt.expert_capacity(3, 2, 3, 0.5) == 1
     assert rt.expert_capacity(10, 2, 4, 1.25) == math.ceil(1.25 * 10 * 2 / 4)
     assert rt.expert_capacity(10, 2, 4, None) is None
@@ -120,15 +143,26 @@ def test_bad_routing_arguments(num_experts, top_k, capacity, match) -> None:
         rt.check_routing_args(num_experts, top_k, capacity)
 
 
-def test_router_noise() -> None:
-    x = torch.ones(1000, 4)
-    jit = rt.add_router_noise(x, "jitter", 0.1)
+ONES = torch.ones(1000, 4)
+
+
+def test_jitter_noise_scales_within_its_band() -> None:
+    jit = rt.add_router_noise(ONES, "jitter", 0.1)
     assert ((jit >= 0.9) & (jit <= 1.1)).all() and jit.std() > 0.01
-    gauss = rt.add_router_noise(x, "gaussian", 0.5)
-    assert abs((gauss - x).std().item() - 0.5) < 0.05
-    assert rt.add_router_noise(x, "gaussian", 0.0) is x
+
+
+def test_gaussian_noise_has_the_given_std() -> None:
+    gauss = rt.add_router_noise(ONES, "gaussian", 0.5)
+    assert abs((gauss - ONES).std().item() - 0.5) < 0.05
+
+
+def test_zero_noise_returns_the_input() -> None:
+    assert rt.add_router_noise(ONES, "gaussian", 0.0) is ONES
+
+
+def test_unknown_router_noise_raises() -> None:
     with pytest.raises(ValueError, match="router_noise"):
-        rt.add_router_noise(x, "uniform", 0.1)
+        rt.add_router_noise(ONES, "uniform", 0.1)
 
 
 # ---- dispatch -------------------------------------------------------------------------------
@@ -138,15 +172,20 @@ def _routing(n: int, k: int, e: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     return torch.rand(n, k, generator=gen, dtype=torch.float64), experts
 
 
+SLOTS = torch.tensor([[2, 0], [0, 1], [2, 1]])
+
+
 def test_sort_by_expert_groups_tokens_stably() -> None:
-    experts = torch.tensor([[2, 0], [0, 1], [2, 1]])
-    d = dsp.sort_by_expert(experts, 4)
+    d = dsp.sort_by_expert(SLOTS, 4)
     assert d.counts == [2, 2, 2, 0]
     assert d.expert.tolist() == [0, 0, 1, 1, 2, 2]
     assert d.token.tolist() == [0, 1, 1, 2, 0, 2]  # token order kept inside each expert
     assert d.flat.tolist() == [1, 2, 3, 5, 0, 4]
+
+
+def test_sort_by_expert_leaves_out_dropped_slots() -> None:
     keep = torch.tensor([[True, False], [True, True], [False, True]])
-    d = dsp.sort_by_expert(experts, 4, keep)
+    d = dsp.sort_by_expert(SLOTS, 4, keep)
     assert d.counts == [1, 2, 1, 0] and d.token.tolist() == [1, 1, 2, 0]
 
 
@@ -176,16 +215,25 @@ def test_grouped_linear_and_combine_match_a_loop(path: str, bias: bool) -> None:
         torch.testing.assert_close(a, r)
 
 
-def test_dispatch_with_nothing_kept() -> None:
+def nothing_kept():
+    """Gates, and a dispatch of 4 tokens x 2 slots over 3 experts that keeps no slot."""
     gates, experts = _routing(4, 2, 3, seed=0)
-    d = dsp.sort_by_expert(experts, 3, torch.zeros(4, 2, dtype=torch.bool))
+    return gates, dsp.sort_by_expert(experts, 3, torch.zeros(4, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("path", dsp.GROUPED_PATHS)
+def test_dispatch_with_nothing_kept(path: str) -> None:
+    gates, d = nothing_kept()
     x = torch.randn(0, 6, dtype=torch.float64)
-    for path in dsp.GROUPED_PATHS:
-        y = dsp.grouped_linear(x, d, torch.randn(3, 5, 6, dtype=torch.float64), path=path)
-        assert y.shape == (0, 5)
-        assert (dsp.combine(y, d, gates) == 0).all()
+    y = dsp.grouped_linear(x, d, torch.randn(3, 5, 6, dtype=torch.float64), path=path)
+    assert y.shape == (0, 5)
+    assert (dsp.combine(y, d, gates) == 0).all()
+
+
+def test_grouped_linear_rejects_an_unknown_path() -> None:
+    _, d = nothing_kept()
     with pytest.raises(ValueError, match="path"):
-        dsp.grouped_linear(x, d, torch.randn(3, 5, 6), path="scatter")
+        dsp.grouped_linear(torch.randn(0, 6), d, torch.randn(3, 5, 6), path="scatter")
 
 
 def _ffn_case(bias: bool, seed: int = 0):
@@ -212,18 +260,20 @@ def _factor(kind: str | None, shape, seed: int):
     return torch.rand(shape, generator=gen, dtype=torch.float64).requires_grad_()
 
 
-@pytest.mark.parametrize("path", dsp.GROUPED_PATHS)
-@pytest.mark.parametrize(
+FFN_CASES = pytest.mark.parametrize(
     ("bias", "factor", "static"),
     [(True, None, False), (True, "scalar", False), (False, "matrix", True),
      (True, "matrix", False), (True, None, True), (False, "scalar", True)],
 )
-def test_grouped_ffn_matches_autograd_reference(path: str, bias: bool, factor, static) -> None:
+
+
+def ffn_case_and_reference(bias: bool, factor, static: bool):
+    """A grouped FFN's dispatch, input and two ``(weight, factor, static, bias)`` tuples, and the
+    reference output built from ``grouped_linear`` on the effective weights."""
     d, x, w1, b1, w2, b2 = _ffn_case(bias)
     f1, f2 = _factor(factor, w1.shape[1:], 1), _factor(factor, w2.shape[1:], 2)
     s1 = torch.randn(w1.shape[1:], dtype=torch.float64, requires_grad=True) if static else None
     s2 = torch.randn(w2.shape[1:], dtype=torch.float64, requires_grad=True) if static else None
-    got = dsp.grouped_ffn(x, d, (w1, f1, s1, b1), (w2, f2, s2, b2), torch.tanh, path=path)
 
     def eff(w, f, s):
         w = w if f is None else w * f
@@ -231,14 +281,29 @@ def test_grouped_ffn_matches_autograd_reference(path: str, bias: bool, factor, s
 
     pre = dsp.grouped_linear(x, d, eff(w1, f1, s1), b1)
     ref = dsp.grouped_linear(torch.tanh(pre), d, eff(w2, f2, s2), b2)
+    return d, x, (w1, f1, s1, b1), (w2, f2, s2, b2), ref
+
+
+@pytest.mark.parametrize("path", dsp.GROUPED_PATHS)
+@FFN_CASES
+def test_grouped_ffn_matches_autograd_reference(path: str, bias: bool, factor, static) -> None:
+    d, x, first, second, ref = ffn_case_and_reference(bias, factor, static)
+    got = dsp.grouped_ffn(x, d, first, second, torch.tanh, path=path)
     torch.testing.assert_close(got, ref)
-    inputs = [t for t in (x, w1, f1, s1, b1, w2, f2, s2, b2) if t is not None]
+    inputs = [t for t in (x, *first, *second) if t is not None]
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad((got * g).sum(), inputs),
                     torch.autograd.grad((ref * g).sum(), inputs), strict=True):
         torch.testing.assert_close(a, b)
-    with torch.no_grad():  # the inference branch computes the same
-        nograd = dsp.grouped_ffn(x, d, (w1, f1, s1, b1), (w2, f2, s2, b2), torch.tanh, path=path)
+
+
+@pytest.mark.parametrize("path", dsp.GROUPED_PATHS)
+@FFN_CASES
+def test_grouped_ffn_inference_branch_matches_the_reference(path: str, bias: bool, factor,
+                                                            static) -> None:
+    d, x, first, second, ref = ffn_case_and_reference(bias, factor, static)
+    with torch.no_grad():
+        nograd = dsp.grouped_ffn(x, d, first, second, torch.tanh, path=path)
     torch.testing.assert_close(nograd, ref.detach())
 
 
