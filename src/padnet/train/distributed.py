@@ -30,6 +30,7 @@ __all__ = [
     "resolve_device",
     "sync_buffers",
     "unwrap",
+    "wrap_ddp",
 ]
 
 
@@ -132,6 +133,19 @@ def sync_buffers(model: nn.Module) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         for buf in model.buffers():
             dist.broadcast(buf, src=0)
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """``model`` in DistributedDataParallel when ``info`` is distributed, else ``model``. A model
+    with PAD layers is wrapped with ``find_unused_parameters`` (they skip unused weights: W_s at
+    kappa = 1, experts no token chose)."""
+    if not info.distributed:
+        return model
+    from padnet.layers import mode_masks
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=ids, find_unused_parameters=bool(mode_masks(model)))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -38,16 +38,16 @@ from padnet.train.config import TrainConfig
 from padnet.train.distributed import (
     DistInfo,
     EpochSampler,
-    all_reduce_sum,
     barrier,
     check_same_across_ranks,
     cleanup_distributed,
     init_distributed,
     sync_buffers,
+    wrap_ddp,
 )
 from padnet.train.imp import build_partition, run_partition, scoring_loader
 from padnet.train.rundir import RunDir, model_info, weights_metadata
-from padnet.train.state import SUM_KEYS, LoopState, zero_sums
+from padnet.train.state import LoopState, format_row, zero_sums
 from padnet.train.step import (
     autocast_for,
     evaluate,
@@ -97,31 +97,23 @@ class Trainer:
         self.model = build_model(cfg, num_classes=self.splits.num_classes, in_chans=self.in_chans)
         self.model.to(self.device).train()
         self.optimizer = build_optimizer(cfg, self.model)
-        self.net = self._wrap(self.model)
+        self.net = wrap_ddp(self.model, self.dist)
         self._make_loaders()
         self.autocast = autocast_for(self.device, cfg.amp)
         fp16 = self.device.type == "cuda" and cfg.amp == "fp16"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
-        self.imp = build_partition(self.model, self._scoring_loader(), cfg,
-                                   total_steps=self.total_steps) \
-            if cfg.imp.mode == "interleaved" else None
+        self.imp = None
+        if cfg.imp.mode == "interleaved":
+            self.imp = build_partition(self.model, self._scoring_loader(), cfg,
+                                       total_steps=self.total_steps)
         self.imp_result: Any = None
         self.state = LoopState()
 
     # ---- set-up --------------------------------------------------------------------------
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        """``model`` in DistributedDataParallel under torchrun, else ``model`` itself."""
-        if not self.dist.distributed:
-            return model
-        from padnet.layers import mode_masks
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        # PAD layers skip unused weights (W_s at kappa = 1, experts no token chose)
-        return nn.parallel.DistributedDataParallel(
-            model, device_ids=ids, find_unused_parameters=bool(mode_masks(model)))
-
     def _make_loaders(self) -> None:
         cfg, s, d = self.cfg, self.splits, self.dist
+        self._loader_kw = {"collate": s.collate, "num_workers": cfg.num_workers, "seed": cfg.seed,
+                           "pin_memory": self.device.type == "cuda"}
         self.sampler = EpochSampler(len(s.train), seed=cfg.seed, rank=d.rank,
                                     world_size=d.world_size)
         self.drop_last = self.sampler.num_samples >= cfg.batch_size  # no batch of one for BN
@@ -137,27 +129,17 @@ class Trainer:
 
     def _loader(self, dataset: Any, sampler: Any, batch_size: int, drop_last: bool) -> Any:
         return build_loader(dataset, batch_size=batch_size, sampler=sampler,
-                            collate=self.splits.collate, drop_last=drop_last,
-                            num_workers=self.cfg.num_workers, seed=self.cfg.seed,
-                            pin_memory=self.device.type == "cuda")
+                            drop_last=drop_last, **self._loader_kw)
 
     def _scoring_loader(self) -> Any:
         return scoring_loader(self.splits.train, batch_size=self.cfg.batch_size,
-                              collate=self.splits.collate, seed=self.cfg.seed,
                               rank=self.dist.rank, world_size=self.dist.world_size,
-                              num_workers=self.cfg.num_workers,
-                              pin_memory=self.device.type == "cuda")
+                              **self._loader_kw)
 
     def log(self, message: str) -> None:
         """Print on rank 0 unless quiet."""
         if self.dist.is_main and not self.quiet:
             print(message, flush=True)
-
-    def global_sums(self) -> dict[str, float]:
-        """This epoch's training sums (loss, aux, correct, count) added over ranks."""
-        local = torch.tensor([self.state.sums[k] for k in SUM_KEYS], dtype=torch.float64,
-                             device=self.device)
-        return dict(zip(SUM_KEYS, all_reduce_sum(local).tolist(), strict=True))
 
     def _schedules(self, step: int) -> tuple[float, float | None]:
         return set_schedules(self.cfg, self.model, self.optimizer, step,
@@ -232,7 +214,7 @@ class Trainer:
         import padnet
 
         cfg, st = self.cfg, self.state
-        sums = self.global_sums()
+        sums = self.state.global_sums(self.device)
         count = max(sums["count"], 1)
         lr, temperature = self._schedules(max(st.global_step - 1, 0))
         sync_buffers(self.model)
@@ -245,7 +227,7 @@ class Trainer:
             "epoch_time_s": seconds}
         row.update(self._evaluate(last=st.epoch + 1 == cfg.epochs))
         st.end_epoch(row)
-        self.log(_format_row(row, cfg.epochs))
+        self.log(format_row(row, cfg.epochs))
         self.save_checkpoint()
 
     def _evaluate(self, *, last: bool) -> dict[str, float]:
@@ -268,7 +250,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write ``checkpoint/`` and ``metrics.csv`` (rank 0; every rank must call it: the
         epoch's running sums are added over ranks first)."""
-        loop = {**self.state.to_dict(), "sums": self.global_sums()}
+        loop = {**self.state.to_dict(), "sums": self.state.global_sums(self.device)}
         if not self.run_dir.is_main:
             return
         state = {"optimizer": self.optimizer.state_dict(), "rng": ckpt.rng_state(),
@@ -327,19 +309,6 @@ class Trainer:
         self.run_dir.write_summary(summary)
         self.run_dir.write_metrics(self.state.history)
         return summary
-
-
-def _format_row(row: dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {row['epoch']}/{epochs}", f"train loss {row['train_loss']:.4f}",
-             f"acc {row['train_acc']:.4f}"]
-    for split in ("val", "test"):
-        if f"{split}_acc" in row:
-            parts.append(f"{split} acc {row[f'{split}_acc']:.4f} f1 {row[f'{split}_f1']:.4f} "
-                         f"mcc {row[f'{split}_mcc']:.4f}")
-    if row.get("dynamic_ratio") is not None:
-        parts.append(f"kappa {row['dynamic_ratio']:.3f}")
-    parts.append(f"{row['epoch_time_s']:.1f}s")
-    return " | ".join(parts)
 
 
 def train(

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["SUM_KEYS", "LoopState", "StepStats", "zero_sums"]
+import torch
+
+__all__ = ["SUM_KEYS", "LoopState", "StepStats", "format_row", "zero_sums"]
 
 #: the running sums of an epoch: summed loss, summed auxiliary loss, correct predictions, examples
 SUM_KEYS = ("loss", "aux", "correct", "count")
@@ -50,6 +52,14 @@ class LoopState:
         self.global_step += 1
         self.step_in_epoch += 1
 
+    def global_sums(self, device: torch.device | str = "cpu") -> dict[str, float]:
+        """The epoch's sums added over ranks (a collective: every rank must call it)."""
+        from padnet.train.distributed import all_reduce_sum
+
+        local = torch.tensor([self.sums[k] for k in SUM_KEYS], dtype=torch.float64,
+                             device=device)
+        return dict(zip(SUM_KEYS, all_reduce_sum(local).tolist(), strict=True))
+
     def mean_loss(self) -> float:
         """Mean training loss of this epoch so far (this process)."""
         return self.sums["loss"] / max(self.sums["count"], 1)
@@ -78,3 +88,17 @@ class LoopState:
         return cls(int(data["global_step"]), int(data["epoch"]), int(data["step_in_epoch"]),
                    sums, [dict(row) for row in data["history"]], bool(data["oneshot_done"]),
                    float(data["train_time_s"]))
+
+
+def format_row(row: dict[str, Any], epochs: int) -> str:
+    """One history row as the line printed after an epoch."""
+    parts = [f"epoch {row['epoch']}/{epochs}", f"train loss {row['train_loss']:.4f}",
+             f"acc {row['train_acc']:.4f}"]
+    for split in ("val", "test"):
+        if f"{split}_acc" in row:
+            parts.append(f"{split} acc {row[f'{split}_acc']:.4f} f1 {row[f'{split}_f1']:.4f} "
+                         f"mcc {row[f'{split}_mcc']:.4f}")
+    if row.get("dynamic_ratio") is not None:
+        parts.append(f"kappa {row['dynamic_ratio']:.3f}")
+    parts.append(f"{row['epoch_time_s']:.1f}s")
+    return " | ".join(parts)
