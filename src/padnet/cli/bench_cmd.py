@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     import padnet
     from padnet.bench import measure_latency
+    from padnet.utils.checks import check_int
     from padnet.utils.io import atomic_write
 
     if args.threads is not None:
@@ -91,8 +92,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"--batch-sizes must be comma-separated ints, got "
                          f"{args.batch_sizes!r}") from None
-    if not sizes or min(sizes) < 1 or args.reps < 1:
-        raise ValueError("--batch-sizes and --reps must be >= 1")
+    if not sizes:
+        raise ValueError("--batch-sizes must name at least one batch size")
+    for size in sizes:
+        check_int(size, "--batch-sizes", 1)
+    check_int(args.reps, "--reps", 1)
     cfg, models, info = _models(args)
     rows = []
     for batch in sizes:

@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from padnet.train import compare, load_config
+    from padnet.utils.checks import check_int
 
-    if args.reps < 1:
-        raise ValueError(f"--reps must be >= 1, got {args.reps}")
+    check_int(args.reps, "--reps", 1)
     start = time.perf_counter()
     cfg = load_config(args.config, config_overrides(args))
     result = compare(cfg, out_dir=args.out, reps=args.reps, quiet=args.quiet)

@@ -22,6 +22,7 @@ from padnet.bench import measure_latency
 from padnet.train.build import batch_inputs
 from padnet.train.config import TrainConfig
 from padnet.train.distributed import cleanup_distributed, init_distributed
+from padnet.utils.checks import check_choice
 from padnet.utils.io import atomic_write
 
 __all__ = ["COLUMNS", "VARIANTS", "CompareResult", "compare", "example_inputs",
@@ -35,8 +36,7 @@ COLUMNS = ("variant", "method", "val_acc", "test_acc", "stored_params", "dynamic
 
 def variant_config(cfg: TrainConfig, variant: str, out_dir: str | Path) -> TrainConfig:
     """The config of one variant, writing to ``out_dir/variant``."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    check_choice(variant, "variant", VARIANTS)
     out = str(Path(out_dir) / variant)
     if variant == "static":
         return cfg.replace(method="none", imp_mode="none", dynamic_ratio=1.0, out_dir=out)
