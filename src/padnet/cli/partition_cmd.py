@@ -12,7 +12,6 @@ config (``-c CONFIG``: made fully dynamic with the config's method). IMP scores 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from padnet.cli.options import add_config_arguments, config_overrides
@@ -36,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _model(args: argparse.Namespace) -> tuple:
     from padnet.train import load_config
-    from padnet.train.build import build_data, build_model, load_run
+    from padnet.train.build import build_data, build_model, input_channels, load_run
+    from padnet.train.rundir import model_info
     from padnet.train.step import seed_everything
 
     if args.run_dir is not None:
@@ -47,22 +47,43 @@ def _model(args: argparse.Namespace) -> tuple:
         raise ValueError("partition needs a dynamic method (the config has method 'none')")
     seed_everything(cfg.seed)
     splits = build_data(cfg)
-    in_chans = cfg.in_chans or (splits.input_shape[0] if splits.input_shape else None)
+    in_chans = input_channels(cfg, splits)
     model = build_model(cfg, num_classes=splits.num_classes, in_chans=in_chans,
                         dynamic_ratio=1.0)
-    info = {"num_classes": splits.num_classes, "in_chans": in_chans, "kind": splits.kind}
-    return cfg, model, splits, info
+    return cfg, model, splits, model_info(splits, in_chans)
 
 
-def run(args: argparse.Namespace) -> int:
+def _val_accuracy(model, splits, cfg) -> float:  # noqa: ANN001
     import torch
     from torch.utils.data import DataLoader
 
+    from padnet.train.step import evaluate
+
+    val = DataLoader(splits.val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+                     collate_fn=splits.collate)
+    return evaluate(model, val, splits.num_classes, torch.device("cpu"))["acc"]
+
+
+def _save(out: Path, cfg, model, info: dict, result) -> None:  # noqa: ANN001
+    """The partitioned model as a run directory (``padnet eval`` reads it), with its masks and
+    the partition report."""
+    from padnet.layers import mode_masks
+    from padnet.train.rundir import RunDir, weights_metadata
+    from padnet.utils.io import save_json, save_safetensors
+
+    run_dir = RunDir(out)
+    out_cfg = cfg.replace(imp_mode="none", out_dir=str(out))
+    run_dir.write_weights(model.state_dict(), weights_metadata(out_cfg, info))
+    save_safetensors(out / "masks.safetensors",
+                     {f"{name}.mask": m.mask for name, m in mode_masks(model)})
+    save_json(out / "partition.json", result.to_dict())
+    run_dir.write_config(out_cfg)
+
+
+def run(args: argparse.Namespace) -> int:
     import padnet
     from padnet.layers import mode_masks
     from padnet.train.imp import run_partition, scoring_loader
-    from padnet.train.step import evaluate
-    from padnet.utils.io import atomic_write, save_json, save_safetensors
 
     cfg, model, splits, info = _model(args)
     if not mode_masks(model):
@@ -70,25 +91,15 @@ def run(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else Path(cfg.out_dir) / "partition"
     loader = scoring_loader(splits.train, batch_size=cfg.batch_size, collate=splits.collate,
                             seed=cfg.seed)
-    val = DataLoader(splits.val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-                     collate_fn=splits.collate) if args.eval and splits.val else None
-    device = torch.device("cpu")
-    if val is not None:
-        before = evaluate(model, val, splits.num_classes, device)["acc"]
+    check = bool(args.eval and splits.val)
+    before = _val_accuracy(model, splits, cfg) if check else None
     result = run_partition(model, loader, cfg)
     print(result)
     print()
     print(padnet.stats(model))
-    if val is not None:
-        after = evaluate(model, val, splits.num_classes, device)["acc"]
+    if check:
+        after = _val_accuracy(model, splits, cfg)
         print(f"\nvalidation accuracy: {before:.4f} before, {after:.4f} after partitioning")
-    out_cfg = cfg.replace(imp_mode="none", out_dir=str(out))
-    meta = {"padnet_config": json.dumps(out_cfg.to_dict()), "padnet_model_info": json.dumps(info)}
-    save_safetensors(out / "model.safetensors", model.state_dict(), meta)
-    masks = {f"{name}.mask": m.mask for name, m in mode_masks(model)}
-    save_safetensors(out / "masks.safetensors", masks)
-    save_json(out / "partition.json", result.to_dict())
-    text = out_cfg.to_yaml()
-    atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+    _save(out, cfg, model, info, result)
     print(f"\nwrote {out}/model.safetensors, masks.safetensors, partition.json, config.yaml")
     return 0
