@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["CommandParser", "UsageError", "add_config_arguments", "config_overrides",
            "normalize_flags", "reject_unknown"]
@@ -29,7 +29,7 @@ class CommandParser(argparse.ArgumentParser):
     """The parser of a subcommand: errors raise :class:`UsageError` (``padnet`` prints them as
     one line and exits with status 2) instead of printing the usage and exiting."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(self.prog, message)
 
 
@@ -44,7 +44,6 @@ def _flag_type(key: str, hint: Any, choices: Sequence[str] | None) -> Callable[[
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
 
-    convert.__name__ = key
     return convert
 
 
