@@ -33,29 +33,42 @@ def fake_dir(tmp_path):
     return tmp_path
 
 
-def test_loads_plain_and_gzip_files(fake_dir):
+def test_loads_gzip_files(fake_dir):
     x, y = load_fashion_mnist(fake_dir, "train")
     assert x.shape == (12, 28, 28) and x.dtype.is_floating_point is False
     assert y.shape == (12,) and int(y.max()) < 10
+
+
+def test_loads_plain_files(fake_dir):
     x, y = load_fashion_mnist(fake_dir, "test")
     assert x.shape == (5, 28, 28) and y.shape == (5,)
+
+
+def test_find_fashion_mnist_accepts_a_directory_with_the_files(fake_dir):
     assert find_fashion_mnist(fake_dir) == fake_dir
 
 
 def test_missing_files_say_how_to_get_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         load_fashion_mnist(tmp_path)
+
+
+def test_unknown_split_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="split must be one of .*'val'"):
         load_fashion_mnist(tmp_path, "val")
 
 
-def test_corrupt_files_are_clear_errors(tmp_path):
-    (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01abcd")
-    with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [(b"\x00\x00\x0d\x01abcd", "not an unsigned-byte IDX file"),
+     (bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"abc",
+      "header promises 10 bytes of data, file has 3")],
+    ids=["float-type-code", "short-data"],
+)
+def test_corrupt_files_are_clear_errors(tmp_path, content, match):
+    (tmp_path / "bad").write_bytes(content)
+    with pytest.raises(ValueError, match=match):
         read_idx(tmp_path / "bad")
-    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"abc")
-    with pytest.raises(ValueError, match="header promises 10 bytes of data, file has 3"):
-        read_idx(tmp_path / "short")
 
 
 @pytest.mark.skipif(find_fashion_mnist() is None, reason="Fashion-MNIST not installed (make data)")

