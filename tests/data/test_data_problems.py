@@ -54,10 +54,13 @@ def test_test_labels_unseen_in_training_warn(tmp_path) -> None:
         load_dataset("npz", root=path, val_fraction=0.0)
 
 
-def test_train_and_test_on_different_pixel_scales_are_refused(tmp_path) -> None:
+def test_uint8_and_unit_float_images_are_on_the_same_scale(tmp_path) -> None:
     path = write_npz(tmp_path / "d.npz", x=images(6), y=np.array([0, 1] * 3),
                      x_test=images(2, 1, np.float32), y_test=np.array([0, 1]))
     load_dataset("npz", root=path)  # uint8 and floats in [0, 1]: the same scale, fine
+
+
+def test_train_and_test_on_different_pixel_scales_are_refused(tmp_path) -> None:
     path = write_npz(tmp_path / "e.npz", x=images(6), y=np.array([0, 1] * 3),
                      x_test=255 * images(2, 1, np.float32), y_test=np.array([0, 1]))
     with pytest.raises(ValueError, match="different pixel scales"):
@@ -108,8 +111,10 @@ def test_a_broken_image_names_the_file(tmp_path) -> None:
         load_dataset("image_folder", root=str(tmp_path))
 
 
-def test_missing_user_data_points_at_data_root(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="data_root"):
-        load_dataset("npz", root=str(tmp_path / "missing.npz"))
-    with pytest.raises(ValueError, match="data_root"):
-        load_dataset("csv")
+@pytest.mark.parametrize(("name", "missing_file", "error"),
+                         [("npz", True, FileNotFoundError), ("csv", False, ValueError)],
+                         ids=["npz-file-not-found", "csv-without-root"])
+def test_missing_user_data_points_at_data_root(tmp_path, name, missing_file, error) -> None:
+    kwargs = {"root": str(tmp_path / "missing.npz")} if missing_file else {}
+    with pytest.raises(error, match="data_root"):
+        load_dataset(name, **kwargs)
