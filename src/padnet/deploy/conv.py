@@ -51,7 +51,7 @@ DEPLOY_PATHS = ("auto", "grouped", "mixture", "unfold")
 def _fold_temperature(router: nn.Module) -> nn.Module:
     """A copy of ``router`` whose logits layers absorb ``1 / temperature`` (then 1)."""
     router = copy.deepcopy(router)
-    t = float(router.temperature)
+    t = float(router.temperature)  # a 0-dim buffer
     uses_t = isinstance(router, ODConvRouter) or getattr(router, "activation", "") == "softmax"
     if uses_t and t != 1.0:
         with torch.no_grad():
@@ -59,7 +59,7 @@ def _fold_temperature(router: nn.Module) -> nn.Module:
                 fc.weight.div_(t)
                 if fc.bias is not None:
                     fc.bias.div_(t)
-    router.temperature = 1.0
+    router.temperature.fill_(1.0)
     return router
 
 

@@ -5,8 +5,9 @@
 * ODConv (Li et al., ICLR 2022): one hidden FC, then four heads -- kernel (softmax), input channel,
   output filter and spatial (sigmoid), all divided by the temperature.
 
-The temperature is a plain float attribute; :func:`set_temperature` changes it in every router of
-a model and :func:`temperature_schedule` gives the linear annealing of DY-Conv.
+The temperature changes the function, so it is state that travels with the weights: a 0-dim
+buffer ``temperature`` saved in the state dict. :func:`set_temperature` changes it in every router
+of a model and :func:`temperature_schedule` gives the linear annealing of DY-Conv.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class ConvRouter(nn.Module):
         check_choice(activation, "routing", ROUTINGS)
         kw = {"device": device, "dtype": dtype}
         self.activation = activation
-        self.temperature = _check_temperature(temperature)
+        self.register_buffer("temperature", torch.tensor(_check_temperature(temperature), **kw))
         if activation == "softmax":
             hidden = hidden_size(in_channels, reduction, min_hidden)
             self.fc1: nn.Module = nn.Linear(in_channels, hidden, **kw)
@@ -86,16 +87,14 @@ class ConvRouter(nn.Module):
         if self.activation == "sigmoid":
             return torch.sigmoid(self.fc(pooled))
         logits = self.fc2(F.relu(self.fc1(pooled)))
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return torch.softmax(logits, dim=-1)
+        return torch.softmax(logits / self.temperature, dim=-1)
 
     def output_layers(self) -> list[nn.Linear]:
         """The layers that produce the logits (zeroed to make sigmoid routing constant)."""
         return [self.fc2] if self.activation == "softmax" else [self.fc]
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}, temperature={self.temperature}"
+        return f"activation={self.activation!r}, temperature={float(self.temperature):g}"
 
 
 class ODAttention(NamedTuple):
@@ -130,7 +129,7 @@ class ODConvRouter(nn.Module):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         hidden = hidden_size(in_channels, reduction, min_hidden)
-        self.temperature = _check_temperature(temperature)
+        self.register_buffer("temperature", torch.tensor(_check_temperature(temperature), **kw))
         self.fc = nn.Linear(in_channels, hidden, bias=False, **kw)
         self.kernel_fc = nn.Linear(hidden, num_kernels, **kw)
         self.channel_fc = nn.Linear(hidden, in_channels, **kw)
@@ -153,7 +152,7 @@ class ODConvRouter(nn.Module):
         return [self.kernel_fc, self.channel_fc, self.filter_fc, self.spatial_fc]
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
+        return f"temperature={float(self.temperature):g}"
 
 
 def set_temperature(model: nn.Module, temperature: float) -> int:
@@ -162,7 +161,7 @@ def set_temperature(model: nn.Module, temperature: float) -> int:
     count = 0
     for m in model.modules():
         if isinstance(m, (ConvRouter, ODConvRouter)):
-            m.temperature = t
+            m.temperature.fill_(t)
             count += 1
     return count
 
