@@ -1,7 +1,7 @@
 """padnet: partially dynamic networks (PAD-Net) and conditional computation in PyTorch."""
 
 from padnet.convert import dynamize, stats
-from padnet.deploy import export
+from padnet.deploy import export, load, save
 from padnet.layers import (
     DynamicConv2d,
     ModeMask,
@@ -25,7 +25,9 @@ __all__ = [
     "aux_loss",
     "dynamize",
     "export",
+    "load",
     "partition_model",
+    "save",
     "set_scale_mode",
     "set_temperature",
     "stats",

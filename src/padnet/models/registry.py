@@ -76,4 +76,7 @@ def create_model(
     model = builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
     if pretrained:
         load_pretrained(model, name, num_classes=num_classes, in_chans=in_chans)
+    # how to rebuild it (padnet.save records it; the weights come from the file)
+    model.padnet_arch = {"registry": name, "num_classes": num_classes, "in_chans": in_chans,
+                         **kwargs}
     return model

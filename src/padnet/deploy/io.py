@@ -1,0 +1,503 @@
+"""``padnet.save`` / ``padnet.load``: one self-describing ``.safetensors`` file per model.
+
+The file is a plain safetensors file (the state dict; tensors sharing storage are stored once
+each) whose metadata holds, under the key ``padnet``, a JSON header:
+
+* ``format`` (``"padnet"``) and ``version``;
+* ``form``: ``deployed`` (the model has layers made by :func:`padnet.export`) or ``training``;
+* ``architecture``: how to rebuild the base model --
+  ``{"kind": "registry", "model": {"registry": name, "num_classes": ..., "in_chans": ...,
+  **kwargs}}`` for models of :func:`padnet.models.create_model`,
+  ``{"kind": "huggingface", "class": ..., "config": {...}}`` for Hugging Face models, or
+  ``{"kind": "custom", "class": ...}`` (then ``load`` needs ``model=``);
+* ``layers``: for each deployed layer its qualified module name, type and ``spec``;
+* ``identities``: modules replaced by ``nn.Identity`` relative to the base model (the
+  ``output.dense`` of a BERT layer whose FFN became a MoE);
+* ``mask_hints``: the attention-mask hooks (:class:`padnet.convert.moe.AttentionMaskHint`) that
+  feed deployed MoE layers their padding mask: the module they sit on and the layers they feed;
+* ``pad_layers``: PAD layers still in training form (``load`` cannot rebuild those by itself);
+* ``tensors``: the sha256 of every tensor's bytes, its dtype and shape, checked on load.
+
+A second metadata key, ``padnet_sha256``, holds the sha256 of the header text itself.
+
+Loading reads the file with :mod:`safetensors` and :mod:`json` only (nothing is unpickled),
+rebuilds the base model (or takes ``model=``), puts empty deployed layers made from their specs
+and the identities in place, re-installs the attention-mask hooks and loads the state dict
+strictly. Writes are atomic (:func:`padnet.utils.io.save_safetensors`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from padnet.deploy.conv import DeployedConv2d
+from padnet.deploy.moe import DeployedMoE
+
+__all__ = ["FORMAT", "VERSION", "load", "read_header", "save", "stored_bytes"]
+
+FORMAT = "padnet"
+VERSION = 1
+_KEY = "padnet"
+_DIGEST = "padnet_sha256"  # of the header text
+_DEPLOYED: dict[str, type[nn.Module]] = {"DeployedConv2d": DeployedConv2d,
+                                         "DeployedMoE": DeployedMoE}
+_ACT_ATTRS = ("intermediate_act_fn", "act", "act_fn", "activation", "activation_fn")
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+_LIST = 5  # names listed in error messages
+
+
+# ---- what a model is made of ---------------------------------------------------------------
+def _hf_model_class(model: nn.Module) -> type | None:
+    """``type(model)`` when it is a Hugging Face ``PreTrainedModel`` (transformers not imported:
+    it cannot be one)."""
+    tf = sys.modules.get("transformers")
+    if tf is None:
+        return None
+    base = getattr(tf, "PreTrainedModel", None)
+    return type(model) if base is not None and isinstance(model, base) else None
+
+
+def describe_architecture(model: nn.Module) -> dict[str, Any]:
+    """How to rebuild the base (static) form of ``model`` (module docstring)."""
+    arch = getattr(model, "padnet_arch", None)
+    if isinstance(arch, dict) and isinstance(arch.get("registry"), str):
+        try:
+            return {"kind": "registry", "model": json.loads(json.dumps(arch))}
+        except (TypeError, ValueError):  # builder arguments that JSON cannot hold
+            pass
+    cls = _hf_model_class(model)
+    if cls is not None:
+        config = json.loads(model.config.to_json_string(use_diff=False))
+        return {"kind": "huggingface", "class": cls.__name__, "module": cls.__module__,
+                "config": config}
+    return {"kind": "custom", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def _build_base(arch: dict[str, Any]) -> nn.Module:
+    """A fresh base model from an architecture description (registry or Hugging Face)."""
+    if arch["kind"] == "registry":
+        from padnet.models import create_model
+
+        kwargs = dict(arch["model"])
+        name = kwargs.pop("registry")
+        kwargs.pop("pretrained", None)
+        return create_model(name, pretrained=False, **kwargs)
+    if arch["kind"] == "huggingface":
+        import transformers
+
+        cls = getattr(transformers, arch["class"], None)
+        if cls is None or not hasattr(cls, "config_class"):
+            raise ValueError(f"transformers {transformers.__version__} has no model class "
+                             f"{arch['class']!r}")
+        return cls(cls.config_class.from_dict(arch["config"]))
+    raise ValueError(f"no rebuild for architecture kind {arch['kind']!r}")
+
+
+def _deployed_layers(model: nn.Module) -> list[dict[str, Any]]:
+    return [{"name": name, "type": type(m).__name__, "spec": dict(m.spec)}
+            for name, m in model.named_modules() if type(m).__name__ in _DEPLOYED
+            and isinstance(m, _DEPLOYED[type(m).__name__])]
+
+
+def _pad_layers(model: nn.Module) -> list[dict[str, str]]:
+    from padnet.layers.protocol import find_pad_layers
+
+    return [{"name": name, "type": type(m).__name__} for name, m in find_pad_layers(model)]
+
+
+def _identities(model: nn.Module, arch: dict[str, Any]) -> list[str]:
+    """Names of the ``nn.Identity`` modules of ``model`` that the base model has as something
+    else (all of them when there is no base to compare with: restoring an identity that was
+    there anyway changes nothing)."""
+    names = [n for n, m in model.named_modules() if n and isinstance(m, nn.Identity)]
+    if not names or arch["kind"] == "custom":
+        return names
+    try:
+        with torch.device("meta"):
+            base = dict(_build_base(arch).named_modules())
+    except Exception:  # no meta-device build: keep them all
+        return names
+    return [n for n in names if not isinstance(base.get(n), nn.Identity)]
+
+
+def _mask_hints(model: nn.Module) -> list[dict[str, Any]]:
+    from padnet.convert.moe import AttentionMaskHint
+
+    names = {id(m): n for n, m in model.named_modules()}
+    hints = []
+    for owner_name, owner in model.named_modules():
+        for hook in owner._forward_pre_hooks.values():
+            if isinstance(hook, AttentionMaskHint):
+                layers = [names[id(m)] for m in hook.layers if id(m) in names]
+                if layers:
+                    hints.append({"module": owner_name, "layers": layers})
+    return hints
+
+
+def _pad_prefixes(model: nn.Module) -> list[str]:
+    return [d["name"] for d in _deployed_layers(model)] + [d["name"] for d in _pad_layers(model)]
+
+
+def stored_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the state dict that :func:`save` stores: ``total``, ``pad_layers`` (the state of
+    the deployed and PAD layers: for deployed ones the compact mask bits and values, their
+    routers and biases), ``other`` (everything else) and ``num_tensors``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    prefixes = _pad_prefixes(model)
+    total = pad = 0
+    state = model.state_dict()
+    for key, value in state.items():
+        n = value.numel() * value.element_size()
+        total += n
+        if any(not p or key.startswith(f"{p}.") for p in prefixes):
+            pad += n
+    return {"total": total, "pad_layers": pad, "other": total - pad, "num_tensors": len(state)}
+
+
+# ---- save ------------------------------------------------------------------------------------
+def _tensor_bytes(t: Tensor) -> memoryview:
+    """The bytes safetensors writes for ``t`` (row-major; on a little-endian machine)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+
+
+def _unshared(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CPU contiguous tensors, copies where one shares storage with an earlier one (safetensors
+    refuses shared tensors)."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        value = value.detach().cpu().contiguous()
+        ptr = value.untyped_storage().data_ptr() if value.numel() else -1
+        out[key] = value.clone() if ptr in seen else value
+        if ptr != -1:
+            seen.add(ptr)
+    return out
+
+
+def _float_dtype(state: dict[str, Tensor]) -> str | None:
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    return str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
+
+
+def save(model: nn.Module, path: str | Path) -> int:
+    """Write ``model`` (deployed by :func:`padnet.export`, or in training form) to the
+    safetensors file ``path``, atomically; returns the number of bytes written.
+
+    The file describes the architecture (module docstring): :func:`load` rebuilds registry
+    and Hugging Face models by itself and any other model on ``model=``.
+    """
+    from padnet import __version__
+    from padnet.utils.io import save_safetensors
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    state = _unshared(model.state_dict())
+    arch = describe_architecture(model)
+    layers = _deployed_layers(model)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "padnet_version": __version__,
+        "form": "deployed" if layers else "training",
+        "architecture": arch,
+        "layers": layers,
+        "identities": _identities(model, arch),
+        "mask_hints": _mask_hints(model),
+        "pad_layers": _pad_layers(model),
+        "dtype": _float_dtype(state),
+        "stored_bytes": stored_bytes(model),
+        "tensors": {k: {"sha256": hashlib.sha256(_tensor_bytes(v)).hexdigest(),
+                        "dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+                    for k, v in state.items()},
+    }
+    try:
+        text = json.dumps(header)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"cannot save {type(model).__name__} to {path}: its description is "
+                         f"not JSON ({err})") from err
+    meta = {"format": "pt", _KEY: text, _DIGEST: hashlib.sha256(text.encode()).hexdigest()}
+    written = save_safetensors(path, state, meta)
+    return written.stat().st_size
+
+
+# ---- read ------------------------------------------------------------------------------------
+def _not_padnet(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path} is not a padnet model file ({why}); padnet.load reads files "
+                      "written by padnet.save")
+
+
+def _read(path: str | Path) -> tuple[Path, bytes, dict[str, Any], dict[str, Any]]:
+    """``(path, file bytes, safetensors header, padnet header)``, checked for format and
+    truncation (not for checksums)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model file at {path}: write one with padnet.save")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; padnet.load takes the .safetensors file "
+                         "written by padnet.save")
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise _not_padnet(path, f"only {len(data)} bytes, not a safetensors file")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > _MAX_HEADER or data[8:9] != b"{":
+        raise _not_padnet(path, "not a safetensors file")
+    if 8 + n > len(data):
+        raise ValueError(f"{path} is truncated (its header needs {8 + n} bytes, the file has "
+                         f"{len(data)}): write it again with padnet.save")
+    try:
+        st_header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        if _DIGEST.encode() in data[8:8 + n]:  # a padnet file, damaged
+            raise ValueError(f"{path}: damaged header ({err}); write it again with "
+                             "padnet.save") from None
+        raise _not_padnet(path, f"unreadable safetensors header: {err}") from None
+    if not isinstance(st_header, dict):
+        raise _not_padnet(path, "unreadable safetensors header")
+    meta = st_header.get("__metadata__") or {}
+    text = meta.get(_KEY) if isinstance(meta, dict) else None
+    if not isinstance(text, str):
+        raise _not_padnet(path, "a safetensors file without a padnet header; load it with "
+                          "safetensors.torch.load_file and model.load_state_dict")
+    if meta.get(_DIGEST) != hashlib.sha256(text.encode()).hexdigest():
+        raise ValueError(f"{path}: damaged padnet header (checksum mismatch); write it again "
+                         "with padnet.save")
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: damaged padnet header ({err}); write it again with "
+                         "padnet.save") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise _not_padnet(path, "the padnet header names another format")
+    if not isinstance(header.get("version"), int) or header["version"] > VERSION:
+        raise ValueError(f"{path} has padnet file format version {header.get('version')!r}; "
+                         f"this padnet reads up to version {VERSION}: upgrade padnet")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in st_header.items()
+                   if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise _not_padnet(path, "malformed safetensors header") from None
+    if 8 + n + end > len(data):
+        raise ValueError(f"{path} is truncated ({len(data)} bytes, the tensors need "
+                         f"{8 + n + end}): write it again with padnet.save")
+    return path, data, st_header, header
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The padnet header of a file written by :func:`save` (format checked)."""
+    return _read(path)[3]
+
+
+def _verify(path: Path, data: bytes, st_header: dict[str, Any], header: dict[str, Any]) -> None:
+    """Raise ValueError unless every tensor's bytes have their recorded sha256."""
+    sums = header.get("tensors")
+    if not isinstance(sums, dict):
+        raise ValueError(f"{path}: the padnet header has no tensor checksums; write it again "
+                         "with padnet.save")
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    names = {k for k in st_header if k != "__metadata__"}
+    if names != set(sums):
+        odd = sorted(names ^ set(sums))
+        raise ValueError(f"{path}: the tensors do not match the padnet header ({_few(odd)}); "
+                         "the file is damaged: write it again with padnet.save")
+    view = memoryview(data)
+    bad = []
+    for k in sorted(names):
+        first, last = st_header[k]["data_offsets"]
+        rec, desc = sums[k], st_header[k]
+        if not isinstance(rec, dict) or hashlib.sha256(
+                view[start + first:start + last]).hexdigest() != rec.get("sha256") or \
+                list(desc.get("shape", [])) != rec.get("shape"):
+            bad.append(k)
+    if bad:
+        raise ValueError(f"{path}: checksum mismatch in {len(bad)} tensor(s) ({_few(bad)}): the "
+                         "file is corrupted; write it again with padnet.save")
+
+
+def _few(names: list[str]) -> str:
+    more = f", ... ({len(names) - _LIST} more)" if len(names) > _LIST else ""
+    return ", ".join(names[:_LIST]) + more
+
+
+# ---- load ------------------------------------------------------------------------------------
+def _activation(module: nn.Module | None) -> Any:
+    """The activation held by the module a MoE replaces (BERT intermediate, fc1/fc2 MLP,
+    Sequential(Linear, act, Linear)), or None."""
+    if module is None:
+        return None
+    for attr in _ACT_ATTRS:
+        act = getattr(module, attr, None)
+        if callable(act):
+            return act
+    if isinstance(module, nn.Sequential) and len(module) == 3:
+        return module[1]
+    return None
+
+
+def _empty_layer(path: Path, entry: dict[str, Any], replaced: nn.Module | None) -> nn.Module:
+    cls = _DEPLOYED.get(entry.get("type"))
+    if cls is None:
+        raise ValueError(f"{path}: unknown deployed layer type {entry.get('type')!r} at "
+                         f"{entry.get('name')!r}; upgrade padnet")
+    spec = entry["spec"]
+    if cls is DeployedMoE:
+        from padnet.layers.activations import ACTIVATIONS
+
+        act = None
+        if spec.get("activation") not in ACTIVATIONS:
+            act = _activation(replaced)
+            if act is None:
+                raise ValueError(
+                    f"{path}: the MoE at {entry['name']!r} has activation "
+                    f"{spec.get('activation')!r}, not a known name, and the model has no module "
+                    "there holding it: pass model= a model whose module at that name holds "
+                    "the activation")
+        return DeployedMoE(spec, activation=act)
+    return cls(spec)
+
+
+def _reference(*modules: nn.Module) -> Tensor | None:
+    for m in modules:
+        for t in (*m.parameters(), *m.buffers()):
+            if t.is_floating_point():
+                return t
+    return None
+
+
+def _install_hints(model: nn.Module, hints: list[dict[str, Any]]) -> None:
+    """Re-install the attention-mask hooks, dropping layers no longer in the model from those
+    the model has already."""
+    from padnet.convert.moe import AttentionMaskHint, _install_mask_hint
+
+    present = {id(m) for m in model.modules()}
+    for hint in hints:
+        owner = model.get_submodule(hint["module"])
+        layers = [model.get_submodule(n) for n in hint["layers"]]
+        for hook in owner._forward_pre_hooks.values():
+            if isinstance(hook, AttentionMaskHint):
+                hook.layers = [m for m in hook.layers if id(m) in present]
+                layers = [m for m in layers if all(m is not h for h in hook.layers)]
+        if layers:
+            _install_mask_hint(owner, layers)
+
+
+def _rebuild(path: Path, header: dict[str, Any], model: nn.Module) -> nn.Module:
+    """Put the recorded deployed layers and identities into ``model``."""
+    from padnet.convert.methods import replace_module
+
+    for entry in header.get("layers", []):
+        name = entry["name"]
+        try:
+            replaced = model.get_submodule(name) if name else None
+        except AttributeError:
+            raise ValueError(
+                f"{path}: the model has no module {name!r} where the file has a "
+                f"{entry['type']}; it is a model of another architecture: pass model= a fresh "
+                "model of the architecture that was saved") from None
+        new = _empty_layer(path, entry, replaced)
+        ref = _reference(replaced if replaced is not None else model, model)
+        if ref is not None:
+            new = new.to(device=ref.device, dtype=ref.dtype)
+        if not name:
+            return new
+        replace_module(model, name, new)
+    for name in header.get("identities", []):
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"{path}: the model has no module {name!r} (nn.Identity in the file); it is a "
+                "model of another architecture") from None
+        if not isinstance(current, nn.Identity):
+            replace_module(model, name, nn.Identity())
+    return model
+
+
+def _check_match(path: Path, model: nn.Module, tensors: dict[str, Tensor],
+                 header: dict[str, Any]) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = sorted(k for k in tensors if k not in expected)
+    shapes = [f"{k} {tuple(tensors[k].shape)} in the file, {tuple(expected[k].shape)} in the "
+              "model" for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if not (missing or unexpected or shapes):
+        return
+    parts = [f"{what}: {_few(names)}" for what, names in (
+        ("missing in the file", missing), ("unexpected in the file", unexpected),
+        ("shape mismatch", shapes)) if names]
+    todo = "pass model= a fresh model of the architecture that was saved"
+    if header.get("pad_layers"):
+        pad = _few([d["name"] for d in header["pad_layers"]])
+        todo = (f"the file holds PAD layers in training form ({pad}): pass model= a model "
+                "converted the same way with padnet.dynamize, or save padnet.export(model) "
+                "instead")
+    raise ValueError(f"{path}: the model ({type(model).__name__}) is not the architecture in "
+                     f"the file ({'; '.join(parts)}); {todo}")
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Read a model written by :func:`save` (eval mode).
+
+    Registry and Hugging Face models are rebuilt from the file alone; any other model needs
+    ``model=``, a fresh instance of its static architecture (or one already converted), into
+    which the recorded deployed layers and identities are put before the state dict is loaded
+    strictly. A training-form file with PAD layers needs ``model=`` converted the same way.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a padnet file (checked without unpickling anything), truncated,
+            corrupted (checksum mismatch), or a model of another architecture.
+    """
+    from safetensors.torch import load as load_bytes
+
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+    path, data, st_header, header = _read(path)
+    _verify(path, data, st_header, header)
+    arch = header.get("architecture") or {"kind": "custom", "class": "?"}
+    layers = header.get("layers", [])
+    self_contained = any(not d["name"] for d in layers)  # the model is one deployed layer
+    built = model is None
+    if built and self_contained:
+        model = nn.Module()  # placeholder: the deployed layer is the model
+    elif built:
+        if arch["kind"] == "custom":
+            raise ValueError(f"{path} holds a {arch.get('class')} (not a registry or Hugging "
+                             "Face model), which the file cannot rebuild: pass model= a fresh "
+                             "instance of it")
+        if header.get("pad_layers"):
+            pad = _few([d["name"] for d in header["pad_layers"]])
+            raise ValueError(
+                f"{path} holds PAD layers in training form ({pad}), which padnet.load cannot "
+                "rebuild: pass model= a model converted the same way with padnet.dynamize, or "
+                "save padnet.export(model) instead")
+        model = _build_base(arch)
+    model = _rebuild(path, header, model)
+    if built and header.get("dtype"):
+        model = model.to(getattr(torch, header["dtype"]))
+    try:
+        tensors = load_bytes(data)
+    except Exception as err:  # safetensors' own consistency checks
+        raise ValueError(f"{path}: unreadable tensors ({err}); the file is damaged: write it "
+                         "again with padnet.save") from None
+    del data
+    odd = sorted(k for k, t in tensors.items()
+                 if str(t.dtype).removeprefix("torch.") != header["tensors"][k].get("dtype"))
+    if odd:
+        raise ValueError(f"{path}: checksum mismatch in {len(odd)} tensor(s) ({_few(odd)}): "
+                         "their dtype is not the recorded one; the file is corrupted: write it "
+                         "again with padnet.save")
+    _check_match(path, model, tensors, header)
+    model.load_state_dict(tensors, strict=True)
+    if header.get("mask_hints"):
+        _install_hints(model, header["mask_hints"])
+    return model.eval()
