@@ -5,7 +5,13 @@ A checkpoint directory holds ``model.safetensors`` (the weights), ``optimizer.sa
 those states, with ``{"__tensor__": key}`` where a tensor was). Each file is written atomically,
 ``state.json`` last, into ``checkpoint.new/``, which then replaces ``checkpoint/``; a kill at any
 moment leaves at least one complete checkpoint, and :func:`find_checkpoint` picks the newest
-complete one (all three files present, with the same step). Nothing is ever unpickled.
+complete one (all three files readable, with the same step). Nothing is ever unpickled.
+
+The safetensors files record the sha256 of every tensor (:func:`padnet.utils.io.save_safetensors`),
+checked by :func:`load_checkpoint`; :func:`load_latest_checkpoint` falls back to an older complete
+checkpoint past a damaged one. :func:`settle_checkpoints` tidies a run directory after a kill: the
+newest complete checkpoint becomes ``checkpoint/``, older and partial copies and stale temporary
+files go, and a damaged ``checkpoint/`` is kept as ``checkpoint.damaged/``.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +28,35 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from padnet.utils.io import save_json, save_safetensors
+from padnet.utils.io import (
+    CorruptFileError,
+    fault_point,
+    load_safetensors,
+    read_safetensors_metadata,
+    remove_stale_temporaries,
+    save_json,
+    save_safetensors,
+)
 
 __all__ = [
+    "CHECKPOINT_NAMES",
     "find_checkpoint",
     "flatten_state",
     "load_checkpoint",
+    "load_latest_checkpoint",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
+    "settle_checkpoints",
     "unflatten_state",
 ]
 
 FORMAT = "padnet-checkpoint-1"
 _NAMES = ("checkpoint", "checkpoint.new", "checkpoint.old")
+_DAMAGED = "checkpoint.damaged"
+#: the checkpoint directories a run may hold
+CHECKPOINT_NAMES = (*_NAMES, _DAMAGED)
+_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 
 
 # ---- nested state <-> (tensors, JSON) ------------------------------------------------------
@@ -144,10 +166,13 @@ def save_checkpoint(
 
     ``state`` is any nested state accepted by :func:`flatten_state` (optimizer, scheduler, RNG,
     IMP, loop counters); :func:`load_checkpoint` returns it with its tensors restored.
-    ``metadata`` goes into the header of ``model.safetensors``.
+    ``metadata`` goes into the header of ``model.safetensors``. The directory is settled first
+    (:func:`settle_checkpoints`), so the newest complete checkpoint is never removed before the
+    new one has replaced it.
     """
     run_dir = Path(run_dir)
     cur, new, old = (run_dir / n for n in _NAMES)
+    settle_checkpoints(run_dir)
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
     meta = {"format": FORMAT, "step": str(step)}
@@ -156,47 +181,149 @@ def save_checkpoint(
                                                                           **meta})
     save_safetensors(new / "optimizer.safetensors", _unshared(tensors), meta)
     save_json(new / "state.json", {"format": FORMAT, "step": step, "state": encoded})
+    fault_point("checkpoint_written")
     shutil.rmtree(old, ignore_errors=True)
     if cur.exists():
         os.rename(cur, old)
+    fault_point("checkpoint_swapped")
     os.rename(new, cur)
     shutil.rmtree(old, ignore_errors=True)
     return cur
 
 
 def _complete_step(directory: Path) -> int | None:
-    """The step of a complete checkpoint directory, or None."""
-    from safetensors import safe_open
-
+    """The step of a complete checkpoint directory (its three files readable, with the same
+    step; the tensors' checksums are not read), or None."""
     try:
         step = int(json.loads((directory / "state.json").read_text())["step"])
         for name in ("model.safetensors", "optimizer.safetensors"):
-            with safe_open(directory / name, framework="pt") as f:
-                if int((f.metadata() or {}).get("step", -1)) != step:
-                    return None
+            meta = read_safetensors_metadata(directory / name)
+            if int(meta.get("step", -1)) != step:
+                return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return step
 
 
+def _complete(run_dir: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints of a run (or ``run_dir`` itself when it is one), newest first
+    (``checkpoint/`` before a copy of the same step)."""
+    order = [run_dir, *(run_dir / n for n in _NAMES)]
+    found = [(s, d) for d in order if d.is_dir() and (s := _complete_step(d)) is not None]
+    return sorted(found, key=lambda sd: (-sd[0], order.index(sd[1])))
+
+
 def find_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint directory of a run (or ``run_dir`` itself when it is one)."""
+    found = _complete(Path(run_dir))
+    return found[0][1] if found else None
+
+
+def settle_checkpoints(run_dir: str | Path) -> Path | None:
+    """Tidy the checkpoints of a run after a kill; returns ``run_dir/checkpoint`` when it now
+    holds the newest complete checkpoint, else None (then nothing is changed but stale
+    temporaries).
+
+    The newest complete checkpoint becomes ``checkpoint/``; ``checkpoint.new/`` and
+    ``checkpoint.old/`` (older copies or a write cut short) are removed; a ``checkpoint/`` that is
+    not complete while an older copy is, is kept as ``checkpoint.damaged/``.
+    """
     run_dir = Path(run_dir)
-    found = [(s, d) for d in [run_dir, *(run_dir / n for n in _NAMES)]
-             if d.is_dir() and (s := _complete_step(d)) is not None]
-    return max(found, key=lambda sd: sd[0])[1] if found else None
+    cur, new, old = (run_dir / n for n in _NAMES)
+    for d in (cur, new, old):
+        remove_stale_temporaries(d)
+    complete = [d for _, d in _complete(run_dir) if d.parent == run_dir]
+    if not complete:
+        return None
+    best = complete[0]
+    if best != cur:
+        if cur in complete:
+            shutil.rmtree(cur)
+        elif cur.exists():
+            shutil.rmtree(run_dir / _DAMAGED, ignore_errors=True)
+            os.rename(cur, run_dir / _DAMAGED)
+            warnings.warn(f"{cur} is not a complete checkpoint: kept as {run_dir / _DAMAGED}, "
+                          f"continuing from {best.name}", UserWarning, stacklevel=2)
+        os.rename(best, cur)
+    for d in (new, old):
+        shutil.rmtree(d, ignore_errors=True)
+    return cur
+
+
+def _fix(directory: Path) -> str:
+    return (f"the checkpoint in {directory} cannot be used: restore the file from a backup, "
+            "or start the run again with --overwrite")
 
 
 def load_checkpoint(directory: str | Path) -> tuple[dict[str, Tensor], dict[str, Any], int]:
-    """``(model state dict, state, step)`` of a checkpoint directory, loaded without pickle."""
-    from safetensors.torch import load_file
-
+    """``(model state dict, state, step)`` of a checkpoint directory, loaded without pickle and
+    checked against the sha256 recorded for every tensor (:class:`CorruptFileError` naming the
+    damaged file otherwise)."""
     directory = Path(directory)
     step = _complete_step(directory)
     if step is None:
         raise FileNotFoundError(f"{directory} is not a complete checkpoint (model.safetensors, "
                                 "optimizer.safetensors and state.json with the same step)")
-    data = json.loads((directory / "state.json").read_text())
-    tensors = load_file(directory / "optimizer.safetensors")
-    state = unflatten_state(data["state"], tensors)
-    return load_file(directory / "model.safetensors"), state, step
+    state_file = directory / "state.json"
+    data = json.loads(state_file.read_text())
+    tensors, _ = load_safetensors(directory / "optimizer.safetensors", fix=_fix(directory))
+    weights, _ = load_safetensors(directory / "model.safetensors", fix=_fix(directory))
+    try:
+        state = unflatten_state(data["state"], tensors)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptFileError(f"{state_file} is damaged ({err}); {_fix(directory)}") from None
+    return weights, state, step
+
+
+def _problems(run_dir: Path) -> list[str]:
+    """What is wrong with the checkpoint directories of a run that hold no complete one."""
+    problems = []
+    for d in (run_dir, *(run_dir / n for n in _NAMES)):
+        if not d.is_dir() or (d == run_dir and not (d / "state.json").exists()):
+            continue
+        for name in _FILES:
+            path = d / name
+            if not path.exists():
+                problems.append(f"{path} is missing")
+                continue
+            try:
+                if name == "state.json":
+                    json.loads(path.read_text())["step"]
+                else:
+                    read_safetensors_metadata(path)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                problems.append(f"{path} is unreadable ({reason})")
+        if not any(p.startswith(str(d)) for p in problems):
+            problems.append(f"{d} holds files of different steps")
+    return problems
+
+
+def load_latest_checkpoint(
+    run_dir: str | Path,
+) -> tuple[Path, dict[str, Tensor], dict[str, Any], int]:
+    """``(directory, model state dict, state, step)`` of the newest checkpoint of a run that
+    loads and passes its checks; a damaged newer one is skipped with a warning. Raises
+    FileNotFoundError when the run has no checkpoint, :class:`CorruptFileError` naming the
+    damaged files when it has no complete one, or the first CorruptFileError when none loads."""
+    run_dir = Path(run_dir)
+    found = _complete(run_dir)
+    if not found:
+        problems = _problems(run_dir)
+        if problems:
+            raise CorruptFileError(f"no complete checkpoint to resume in {run_dir}: "
+                                   f"{'; '.join(problems)}; restore the files from a backup, "
+                                   "or start the run again with --overwrite")
+        raise FileNotFoundError(f"no complete checkpoint to resume in {run_dir}")
+    errors: list[CorruptFileError] = []
+    for _, directory in found:
+        try:
+            weights, state, step = load_checkpoint(directory)
+        except CorruptFileError as err:
+            errors.append(err)
+            continue
+        for err in errors:
+            warnings.warn(f"{err}; resuming from the older checkpoint in {directory}",
+                          UserWarning, stacklevel=2)
+        return directory, weights, state, step
+    raise errors[0]
