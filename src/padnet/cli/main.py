@@ -12,13 +12,15 @@ from padnet.cli import (
     compare_cmd,
     convert_cmd,
     eval_cmd,
+    export_cmd,
     list_cmd,
     partition_cmd,
     train_cmd,
 )
 from padnet.cli.options import CommandParser, UsageError, normalize_flags, reject_unknown
 
-COMMANDS = (list_cmd, convert_cmd, train_cmd, eval_cmd, partition_cmd, bench_cmd, compare_cmd)
+COMMANDS = (list_cmd, convert_cmd, train_cmd, eval_cmd, export_cmd, partition_cmd, bench_cmd,
+            compare_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
