@@ -73,3 +73,81 @@ def test_run_dir_guards_an_existing_run(tmp_path):
     assert run.prepare(resume=False, overwrite=True) is None
     run.clear()
     assert run.find_checkpoint() is None
+
+
+def _damage(path):
+    path.write_bytes(path.read_bytes()[:10])
+
+
+def test_a_fresh_run_keeps_a_run_whose_checkpoint_is_damaged(tmp_path):
+    run = RunDir(tmp_path)
+    run.write_checkpoint({"w": torch.ones(2)}, {"x": 1}, step=4, metadata={})
+    _damage(run.checkpoint_dir / "state.json")
+    with pytest.raises(ValueError, match="already holds a run"):
+        run.prepare(resume=False, overwrite=False)
+    assert sorted(p.name for p in run.checkpoint_dir.iterdir()) == [
+        "model.safetensors", "optimizer.safetensors", "state.json"]
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "metrics.csv", "summary.json",
+                                  "model.safetensors", "checkpoint.new/", "checkpoint.damaged/"])
+def test_any_run_file_makes_a_directory_an_existing_run(tmp_path, name):
+    target = tmp_path / name.rstrip("/")
+    target.mkdir() if name.endswith("/") else target.write_text("x")
+    with pytest.raises(ValueError, match="already holds a run"):
+        RunDir(tmp_path).prepare(resume=False, overwrite=False)
+    assert target.exists()
+
+
+def test_other_files_do_not_make_a_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert RunDir(tmp_path).prepare(resume=False, overwrite=False) is None
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_a_run_with_a_truncated_checkpoint(tmp_path):
+    run = RunDir(tmp_path)
+    run.write_checkpoint({"w": torch.ones(2)}, {"x": 1}, step=4, metadata={})
+    run.write_config(TrainConfig())
+    run.write_summary({"old": True})
+    _damage(run.checkpoint_dir / "optimizer.safetensors")
+    assert run.prepare(resume=False, overwrite=True) is None
+    run.clear()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_resume_finds_a_complete_checkpoint_past_a_truncated_one(tmp_path):
+    run = RunDir(tmp_path)
+    run.write_checkpoint({"w": torch.ones(2)}, {"x": 1}, step=4, metadata={})
+    (tmp_path / "checkpoint").rename(tmp_path / "keep")
+    run.write_checkpoint({"w": torch.ones(2)}, {"x": 2}, step=6, metadata={})
+    (tmp_path / "keep").rename(tmp_path / "checkpoint.old")  # an older complete copy
+    _damage(run.checkpoint_dir / "model.safetensors")
+    with pytest.warns(UserWarning, match="kept as"):
+        assert run.prepare(resume=True, overwrite=False) == run.checkpoint_dir
+    assert (tmp_path / "checkpoint.damaged").is_dir()
+
+
+def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "run").write_text("not a directory")
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=r"out_dir .*run is a file, not a directory"):
+            RunDir(tmp_path / "run").prepare(resume=resume, overwrite=True)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_the_next_start_removes_stale_temporaries(tmp_path, resume):
+    run = RunDir(tmp_path)
+    run.write_checkpoint({"w": torch.ones(2)}, {"x": 1}, step=4, metadata={})
+    stale = [tmp_path / ".metrics.csv.abcdefgh.tmp",
+             tmp_path / "checkpoint" / ".state.json.12345678.tmp"]
+    for path in stale:
+        path.write_text("half")
+    run.prepare(resume=resume, overwrite=True)
+    assert not any(p.exists() for p in stale)
+
+
+def test_another_rank_removes_nothing(tmp_path):
+    (tmp_path / ".metrics.csv.abcdefgh.tmp").write_text("half")
+    RunDir(tmp_path, is_main=False).prepare(resume=False, overwrite=True)
+    assert (tmp_path / ".metrics.csv.abcdefgh.tmp").exists()

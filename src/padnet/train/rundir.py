@@ -2,6 +2,9 @@
 :mod:`padnet.train.checkpoint`), the final ``model.safetensors`` (config and model info in its
 header) and ``summary.json``. Every file is written atomically, and only by the main process
 (``is_main``: rank 0 under torchrun); on other ranks the writing methods do nothing.
+
+A directory holding any of these files (:data:`RUN_FILES`, or a checkpoint directory) is a run:
+a fresh run refuses it without ``overwrite``, so nothing a user had is removed unasked.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from torch import Tensor
 
 from padnet.train import checkpoint as ckpt
 from padnet.train.config import TrainConfig
-from padnet.utils.io import atomic_write, save_json, save_safetensors
+from padnet.utils.io import atomic_write, remove_stale_temporaries, save_json, save_safetensors
 
-__all__ = ["METRIC_COLUMNS", "RunDir", "model_info", "weights_metadata"]
+__all__ = ["METRIC_COLUMNS", "RUN_FILES", "RunDir", "model_info", "weights_metadata"]
+
+#: the files of a run directory besides its checkpoint directories
+RUN_FILES = ("config.yaml", "metrics.csv", "model.safetensors", "summary.json")
 
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "temperature", "dynamic_ratio", "train_loss", "train_acc", "aux_loss",
@@ -85,26 +91,51 @@ class RunDir:
         """The newest complete checkpoint directory, or None."""
         return ckpt.find_checkpoint(self.path)
 
+    def run_files(self) -> list[Path]:
+        """The files and checkpoint directories of a run found in the directory."""
+        names = (*RUN_FILES, *ckpt.CHECKPOINT_NAMES)
+        return [self.path / n for n in names if (self.path / n).exists()]
+
     def prepare(self, *, resume: bool, overwrite: bool) -> Path | None:
-        """The checkpoint to resume from (None for a fresh run). Raises when resuming finds no
-        checkpoint, or when a fresh run would replace a run without ``overwrite``."""
-        found = self.find_checkpoint()
+        """The checkpoint to resume from (None for a fresh run).
+
+        Raises ValueError when ``path`` is a file, or when a fresh run would replace a run (any
+        of its files) without ``overwrite``; FileNotFoundError (or CorruptFileError naming the
+        damaged files) when resuming finds no complete checkpoint. On the main process stale
+        temporary files of a killed write are removed and, when resuming, the checkpoints
+        settled (:func:`~padnet.train.checkpoint.settle_checkpoints`).
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"out_dir {self.path} is a file, not a directory: choose another "
+                             "out_dir (or --resume RUN_DIR)")
         if resume:
+            if self.is_main:
+                remove_stale_temporaries(self.path)
+                ckpt.settle_checkpoints(self.path)
+            found = self.find_checkpoint()
             if found is None:
-                raise FileNotFoundError(f"no complete checkpoint to resume in {self.path}")
+                ckpt.load_latest_checkpoint(self.path)  # raises, naming damaged files
             return found
-        if (found is not None or self.weights_file.exists()) and not overwrite:
-            raise ValueError(f"{self.path} already holds a run; pass --resume to continue it, "
-                             "--overwrite to replace it, or choose another out_dir")
+        existing = self.run_files()
+        if existing and not overwrite:
+            names = ", ".join(p.name for p in existing)
+            raise ValueError(f"{self.path} already holds a run ({names}); pass --resume to "
+                             "continue it, --overwrite to replace it, or choose another out_dir")
+        if self.is_main:
+            remove_stale_temporaries(self.path)
+            for name in ckpt.CHECKPOINT_NAMES:
+                remove_stale_temporaries(self.path / name)
         return None
 
     # ---- writing (main process only) -----------------------------------------------------
     def clear(self) -> None:
-        """Remove the checkpoints and final weights of an earlier run."""
+        """Remove the files of an earlier run (checkpoints, final weights, metrics, summary;
+        ``config.yaml`` is written anew by the run)."""
         if self.is_main:
-            for name in ("checkpoint", "checkpoint.new", "checkpoint.old"):
+            for name in ckpt.CHECKPOINT_NAMES:
                 shutil.rmtree(self.path / name, ignore_errors=True)
-            self.weights_file.unlink(missing_ok=True)
+            for name in ("model.safetensors", "metrics.csv", "summary.json"):
+                (self.path / name).unlink(missing_ok=True)
 
     def write_config(self, cfg: TrainConfig) -> None:
         """``config.yaml`` without ``stop_after`` (a way to interrupt a run, not part of the
