@@ -150,11 +150,12 @@ def test_kaiming_init_changes_the_function():
     assert relative_error(padnet.dynamize(copy_of(base), init="kaiming")(x), ref) > 0.05
 
 
-def test_already_dynamic_modules_are_left_alone():
+def test_converting_an_already_dynamic_model_again_is_refused_and_changes_nothing():
     model = padnet.dynamize(TinyNet())
     first = model.block[0]
-    padnet.dynamize(model, "condconv")
-    assert model.block[0] is first and model.padnet_report.names == []
+    with pytest.raises(ValueError, match="already has PAD layers"):
+        padnet.dynamize(model, "condconv")
+    assert model.block[0] is first
 
 
 @pytest.mark.parametrize(

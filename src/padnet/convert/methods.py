@@ -93,6 +93,20 @@ def _check_include(model: nn.Module, source: type[nn.Module], include: list[str]
                     f"method={method!r}: only {source.__name__} modules can be made dynamic")
 
 
+def _nothing_converted(model: nn.Module, source: type[nn.Module],
+                       report: ConversionReport) -> None:
+    """Raise: a conversion that changes nothing is a mistake the user should hear about."""
+    pad = sorted({type(m).__name__ for m in model.modules() if isinstance(m, PadLayer)})
+    if pad:
+        raise ValueError(f"the model already has PAD layers ({', '.join(pad)}) from an earlier "
+                         f"conversion and no {source.__name__} left for method "
+                         f"{report.method!r}: convert a fresh copy of the static model")
+    if not report.skipped:
+        kind = ("nn." if source.__module__.startswith("torch.nn") else "") + source.__name__
+        raise ValueError(f"found no {kind} module to convert with method {report.method!r} in "
+                         f"{type(model).__name__}")
+
+
 def replace_modules(
     source: type[nn.Module], build: Callable[..., nn.Module], *, skip_first: bool = False,
     method: str = "",
@@ -122,6 +136,8 @@ def replace_modules(
             new = build(module, init=init, copy_noise_std=copy_noise_std, **kwargs)
             replace_module(model, name, new)
             report.converted.append(ConversionEntry(name, before, type(new).__name__))
+        if not report.converted:
+            _nothing_converted(model, source, report)
         return report
 
     return convert

@@ -1,0 +1,31 @@
+"""dynamize says when it converts nothing: a model converted before, or one without candidates."""
+
+import pytest
+from torch import nn
+
+import padnet
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1))
+
+
+def test_a_model_converted_before_is_refused_with_the_method_it_has() -> None:
+    model = padnet.dynamize(cnn(), "dyconv")
+    with pytest.raises(ValueError, match=r"already has PAD layers \(DynamicConv2d"):
+        padnet.dynamize(model, "condconv")
+
+
+def test_a_model_without_candidates_is_refused() -> None:
+    with pytest.raises(ValueError, match="found no nn.Conv2d module to convert"):
+        padnet.dynamize(nn.Sequential(nn.Linear(2, 2)), "dyconv")
+
+
+def test_subclasses_of_conv2d_are_listed_as_skipped() -> None:
+    class MyConv(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), MyConv(8, 8, 3), nn.Conv2d(8, 8, 3))
+    report = padnet.dynamize(model, "dyconv").padnet_report
+    assert [(e.name, e.reason) for e in report.skipped] == [
+        ("0", "stem"), ("1", "a subclass of Conv2d, not converted")]
