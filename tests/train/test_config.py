@@ -123,3 +123,21 @@ def test_oneshot_taylor_after_exact_copies_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_config(None, [*args, "--init", "copy_noise"])
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("model: resnet8\nlr: [0.1\nepochs: 2\n", "line 3, column 7"),
+    ("model: resnet8\n  lr: 0.1\n", "line 2, column 5"),
+    ("model: 'resnet8\n", "line 2, column 1"),
+], ids=["unclosed-bracket", "bad-indent", "unclosed-quote"])
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, text, where):
+    path = write(tmp_path, text)
+    with pytest.raises(ValueError, match=rf"cfg\.yaml: {where}: YAML error"):
+        load_config(path)
+
+
+def test_a_config_that_is_not_text_is_refused(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(b"\x80\x04\x95 binary")
+    with pytest.raises(ValueError, match=r"cfg\.yaml is not a text file"):
+        load_config(path)

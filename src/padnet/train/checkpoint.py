@@ -40,6 +40,7 @@ from padnet.utils.io import (
 
 __all__ = [
     "CHECKPOINT_NAMES",
+    "checkpoint_step",
     "find_checkpoint",
     "flatten_state",
     "load_checkpoint",
@@ -203,6 +204,11 @@ def _complete_step(directory: Path) -> int | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return step
+
+
+def checkpoint_step(directory: str | Path) -> int | None:
+    """The step of a complete checkpoint directory, or None (tensors not read)."""
+    return _complete_step(Path(directory))
 
 
 def _complete(run_dir: Path) -> list[tuple[int, Path]]:

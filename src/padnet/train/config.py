@@ -24,13 +24,18 @@ from typing import Any
 from padnet.train.coerce import coerce
 from padnet.utils.checks import check_choice, check_int, check_number, check_optional, check_ratio
 
-__all__ = ["AMP_MODES", "IMP_MODES", "LR_SCHEDULES", "OPTIMIZERS", "ConfigKey", "ImpConfig",
-           "TrainConfig", "config_choices", "load_config", "parse_overrides"]
+__all__ = ["AMP_MODES", "IMP_MODES", "LR_SCHEDULES", "OPTIMIZERS", "RESUME_FREE_KEYS", "ConfigKey",
+           "ImpConfig", "TrainConfig", "absolute_paths", "config_choices", "config_differences",
+           "load_config", "parse_overrides"]
 
 IMP_MODES = ("none", "oneshot", "interleaved")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
+#: keys a resumed run may change: where and how often it writes and evaluates, the device and
+#: the loader processes; not what it computes
+RESUME_FREE_KEYS = ("out_dir", "stop_after", "save_every", "eval_every", "eval_batch_size",
+                    "num_workers", "device")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -303,14 +308,12 @@ def load_config(
 ) -> TrainConfig:
     """Read a YAML config (``yaml.safe_load``) and apply overrides (a mapping or ``--key value``
     tokens). Without ``path`` the defaults are the base."""
-    import yaml
-
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text())
+        loaded = _read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config must be a mapping of keys to values")
         data = {_key(k): v for k, v in (loaded or {}).items()}
@@ -318,3 +321,44 @@ def load_config(
         overrides = parse_overrides(list(overrides))
     data.update({_key(k): v for k, v in overrides.items()})
     return TrainConfig.from_dict(data)
+
+
+def _read_yaml(path: Path) -> Any:
+    """``yaml.safe_load`` of a file; errors name the file, line and column (tags that would
+    build Python objects are refused by safe_load, never executed)."""
+    import yaml
+
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a text file ({err.reason} at byte {err.start}); a "
+                         "config is a YAML file of key: value lines") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        hint = ("; a config holds plain values only (no !!python tags)"
+                if "constructor" in problem else "")
+        raise ValueError(f"{path}{': ' + where if where else ''}: YAML error: {problem}"
+                         f"{hint}") from None
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``data_root`` (and ``model`` when it is a local model directory) made
+    absolute, so a saved run's config reads the same data from any working directory."""
+    changes: dict[str, Any] = {}
+    if cfg.data_root is not None:
+        changes["data_root"] = str(Path(cfg.data_root).expanduser().resolve())
+    if (Path(cfg.model) / "config.json").is_file() and not Path(cfg.model).is_absolute():
+        changes["model"] = str(Path(cfg.model).resolve())
+    return cfg.replace(**changes) if changes else cfg
+
+
+def config_differences(
+    recorded: TrainConfig, cfg: TrainConfig, *, ignore: Sequence[str] = RESUME_FREE_KEYS
+) -> list[tuple[str, Any, Any]]:
+    """``[(key, recorded value, value of cfg)]`` for the keys outside ``ignore`` that differ."""
+    a, b = recorded.to_dict(), cfg.to_dict()
+    return [(k, a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]]

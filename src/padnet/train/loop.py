@@ -11,12 +11,21 @@ data order of epoch e comes from ``seed + e`` and is fast-forwarded mid-epoch, a
 optimizer, IMP and loop states (:class:`~padnet.train.state.LoopState`) are restored from the
 checkpoint.
 
+A resume continues the run's own experiment: a config that differs from the run's in anything
+but :data:`~padnet.train.config.RESUME_FREE_KEYS` is refused (:class:`ConfigMismatch`), and the
+run's ``config.yaml`` is left as it is. ``data_root`` is stored absolute.
+
+A NaN or infinite loss, or non-finite weights at a checkpoint, stop the run
+(:class:`TrainingDiverged`) before anything from that step is saved: the last good checkpoint
+stays. Ctrl-C raises :class:`TrainingInterrupted`, naming the last checkpoint.
+
 The files go to a :class:`~padnet.train.rundir.RunDir`; under torchrun only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,10 +43,11 @@ from padnet.train.build import (
     build_optimizer,
     input_channels,
 )
-from padnet.train.config import TrainConfig
+from padnet.train.config import TrainConfig, absolute_paths, config_differences
 from padnet.train.distributed import (
     DistInfo,
     EpochSampler,
+    all_reduce_sum,
     barrier,
     check_same_across_ranks,
     cleanup_distributed,
@@ -45,6 +55,7 @@ from padnet.train.distributed import (
     sync_buffers,
     wrap_ddp,
 )
+from padnet.train.errors import ConfigMismatch, TrainingDiverged, TrainingInterrupted
 from padnet.train.imp import build_partition, run_partition, scoring_loader
 from padnet.train.rundir import RunDir, model_info, weights_metadata
 from padnet.train.state import LoopState, format_row, zero_sums
@@ -57,7 +68,8 @@ from padnet.train.step import (
     train_step,
 )
 
-__all__ = ["TrainResult", "Trainer", "train"]
+__all__ = ["ConfigMismatch", "TrainResult", "Trainer", "TrainingDiverged", "TrainingInterrupted",
+           "train"]
 
 
 @dataclass
@@ -108,6 +120,7 @@ class Trainer:
                                        total_steps=self.total_steps)
         self.imp_result: Any = None
         self.state = LoopState()
+        self.saved_step: int | None = None  # step of the last checkpoint written or resumed
 
     # ---- set-up --------------------------------------------------------------------------
     def _make_loaders(self) -> None:
@@ -152,9 +165,39 @@ class Trainer:
         self._schedules(self.state.global_step)
         stats = train_step(self.model, batch, self.optimizer, self.cfg, device=self.device,
                            net=self.net, scaler=self.scaler, autocast=self.autocast)
+        if self._any_rank(not (math.isfinite(stats.loss) and math.isfinite(stats.aux))):
+            value = stats.loss if not math.isfinite(stats.loss) else stats.aux
+            what = "loss" if not math.isfinite(stats.loss) else "auxiliary loss"
+            raise self._diverged(self.state.global_step + 1, f"the {what} is {value}")
         if self.imp is not None and not self.imp.done and self.imp.step() is not None:
             self._after_partition(self.imp.result)
         self.state.add_step(stats)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` is set on any rank (a collective under torchrun)."""
+        if not self.dist.distributed:
+            return flag
+        return bool(all_reduce_sum(torch.tensor([float(flag)], device=self.device)).item())
+
+    def _diverged(self, step: int, what: str) -> TrainingDiverged:
+        cfg = self.cfg
+        kept = (f"the last good checkpoint (step {self.saved_step}) in "
+                f"{self.run_dir.checkpoint_dir} is kept" if self.saved_step is not None
+                else "no checkpoint was written")
+        return TrainingDiverged(
+            f"training diverged at step {step} (epoch {self.state.epoch + 1}): {what}; nothing "
+            f"from this step on was saved and {kept}. Start again (--overwrite, or another "
+            f"out_dir) with a lower lr (now {cfg.lr:g}), gradient clipping (grad_clip, now "
+            f"{cfg.grad_clip:g}; e.g. --grad-clip 1), a learning-rate warm-up (--warmup-epochs "
+            "1), or check the data for extreme or non-finite values")
+
+    def check_finite_weights(self) -> None:
+        """TrainingDiverged when a weight or buffer of the model is NaN or infinite."""
+        bad = next((k for k, v in self.model.state_dict().items()
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if self._any_rank(bad is not None):
+            raise self._diverged(self.state.global_step,
+                                 f"the weights are not finite (e.g. {bad or 'on another rank'})")
 
     def _after_partition(self, result: Any) -> None:
         from padnet.layers import mode_masks
@@ -189,6 +232,8 @@ class Trainer:
                     desc=f"epoch {self.state.epoch + 1}/{self.cfg.epochs}", dynamic_ncols=True)
 
     def _run_epoch(self) -> bool:
+        """Train the rest of the epoch; the time of its steps (not of its checkpoints) adds to
+        the epoch's and the run's training time."""
         cfg, st = self.cfg, self.state
         self.sampler.set_epoch(st.epoch, skip=st.step_in_epoch * cfg.batch_size)
         start = time.perf_counter()
@@ -199,18 +244,18 @@ class Trainer:
                 bar.set_postfix(loss=f"{st.mean_loss():.4f}", refresh=False)
                 stop = cfg.stop_after and st.global_step >= cfg.stop_after
                 if stop or (cfg.save_every and st.global_step % cfg.save_every == 0):
-                    st.train_time_s += time.perf_counter() - start
-                    start = time.perf_counter()
+                    st.add_time(time.perf_counter() - start)
                     self.save_checkpoint()
+                    start = time.perf_counter()
                 if stop:
                     self.log(f"stopped after step {st.global_step} (stop_after); resume with "
                              f"--resume {self.run_dir.path}")
                     return False
-        st.train_time_s += time.perf_counter() - start
-        self._end_epoch(time.perf_counter() - start)
+        st.add_time(time.perf_counter() - start)
+        self._end_epoch()
         return True
 
-    def _end_epoch(self, seconds: float) -> None:
+    def _end_epoch(self) -> None:
         import padnet
 
         cfg, st = self.cfg, self.state
@@ -224,7 +269,7 @@ class Trainer:
             "dynamic_ratio": stats.dynamic_ratio if stats.layers else None,
             "train_loss": sums["loss"] / count, "train_acc": sums["correct"] / count,
             "aux_loss": sums["aux"] / count if has_aux_loss(cfg) else None,
-            "epoch_time_s": seconds}
+            "epoch_time_s": st.epoch_time_s}
         row.update(self._evaluate(last=st.epoch + 1 == cfg.epochs))
         st.end_epoch(row)
         self.log(format_row(row, cfg.epochs))
@@ -249,12 +294,15 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoint/`` and ``metrics.csv`` (rank 0; every rank must call it: the
-        epoch's running sums are added over ranks first)."""
+        epoch's running sums are added over ranks first). Non-finite weights raise
+        TrainingDiverged instead."""
+        self.check_finite_weights()
         loop = {**self.state.to_dict(), "sums": self.state.global_sums(self.device)}
+        self.saved_step = self.state.global_step
         if not self.run_dir.is_main:
             return
         state = {"optimizer": self.optimizer.state_dict(), "rng": ckpt.rng_state(),
-                 "loop": loop, "config": self.cfg.to_dict(),
+                 "loop": loop, "config": self.cfg.to_dict(), "world_size": self.dist.world_size,
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "imp": self.imp.state_dict() if self.imp is not None else None,
                  "imp_result": self.imp_result.to_dict() if self.imp_result else None}
@@ -263,8 +311,16 @@ class Trainer:
         self.run_dir.write_metrics(self.state.history)
 
     def resume(self, directory: Path) -> None:
-        """Load weights, optimizer, scaler, IMP, loop state and RNG states."""
-        model_state, state, step = ckpt.load_checkpoint(directory)
+        """Load weights, optimizer, scaler, IMP, loop state and RNG states from the newest
+        checkpoint of ``directory`` (a run or checkpoint directory) that passes its checks."""
+        directory, model_state, state, step = ckpt.load_latest_checkpoint(directory)
+        saved_world = state.get("world_size", self.dist.world_size)
+        if saved_world != self.dist.world_size:
+            raise ConfigMismatch(
+                f"the checkpoint in {directory} was written by a run of {saved_world} processes "
+                f"and this one has {self.dist.world_size}; the data order differs, so resume "
+                f"with {saved_world} processes (torchrun --nproc_per_node={saved_world}) "
+                f"({saved_world} processes in the run, {self.dist.world_size} now)")
         try:
             self.model.load_state_dict(model_state)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -284,6 +340,7 @@ class Trainer:
         if not self.dist.is_main:  # the saved sums are over all ranks: count them once
             self.state.sums = zero_sums()
         ckpt.set_rng_state(state["rng"])
+        self.saved_step = step
         self.log(f"resumed {self.run_dir.path} at step {step} (epoch {self.state.epoch + 1}, "
                  f"step {self.state.step_in_epoch} of {self.steps_per_epoch})")
 
@@ -304,11 +361,53 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """Write the final ``model.safetensors``, ``summary.json`` and ``metrics.csv`` (rank 0);
         returns the summary."""
+        self.check_finite_weights()
         summary = self.summary()
         self.run_dir.write_weights(self.model.state_dict(), self._metadata())
         self.run_dir.write_summary(summary)
         self.run_dir.write_metrics(self.state.history)
         return summary
+
+
+def _resume_config(cfg: TrainConfig, run_dir: RunDir) -> TrainConfig:
+    """``cfg`` (paths absolute) after checking that it is the experiment of the run it resumes:
+    ConfigMismatch listing the keys that differ from the run's recorded config, other than
+    :data:`~padnet.train.config.RESUME_FREE_KEYS`. ``data_root`` may name a new place when the
+    recorded one is gone (the data was moved)."""
+    cfg = absolute_paths(cfg)
+    recorded = run_dir.recorded_config()
+    if recorded is None:
+        return cfg
+    recorded = absolute_paths(recorded)
+    diffs = config_differences(recorded, cfg)
+    moved = [d for d in diffs if d[0] == "data_root" and d[1] is not None
+             and d[2] is not None and not Path(d[1]).exists()]
+    diffs = [d for d in diffs if d not in moved]
+    if diffs:
+        listed = "; ".join(f"{k}: {a} in the run, {b} now" for k, a, b in diffs)
+        from padnet.train.config import RESUME_FREE_KEYS
+
+        raise ConfigMismatch(
+            f"this config is another experiment than the run in {run_dir.path} "
+            f"({run_dir.recorded_config_source()}): {listed}. A resume continues the run's own "
+            f"config (--resume RUN_DIR without -c uses it); only {', '.join(RESUME_FREE_KEYS)} "
+            "may change. For another experiment choose another out_dir")
+    if moved and run_dir.is_main:
+        print(f"note: the run's data_root {moved[0][1]} is gone; reading {moved[0][2]} instead "
+              f"(pass --data-root to later commands on this run too)", file=sys.stderr)
+    return cfg
+
+
+def _interrupted(run_dir: RunDir, trainer: Trainer | None) -> str:
+    """What Ctrl-C left: the step reached, the last checkpoint and the command that resumes."""
+    step = trainer.state.global_step if trainer is not None else 0
+    found = ckpt.find_checkpoint(run_dir.path) if run_dir.path.is_dir() else None
+    if found is None:
+        return (f"interrupted at step {step}, before the first checkpoint of {run_dir.path}: "
+                "nothing to resume; start the run again (with --overwrite)")
+    saved = ckpt.checkpoint_step(found)
+    return (f"interrupted at step {step}; the last checkpoint (step {saved}) is in {found}; "
+            f"resume with: padnet train --resume {run_dir.path}")
 
 
 def train(
@@ -318,28 +417,38 @@ def train(
     """Train ``cfg`` end to end (see the module doc) and return a :class:`TrainResult`.
 
     Args:
-        resume: True to continue the run in ``cfg.out_dir``, or a run directory to continue.
+        resume: True to continue the run in ``cfg.out_dir``, or a run directory to continue;
+            ``cfg`` must be that run's experiment (:class:`ConfigMismatch` otherwise).
         quiet: no progress bars and no per-epoch lines.
         overwrite: replace an existing run in ``out_dir`` instead of refusing.
         splits: already loaded :class:`~padnet.data.DatasetSplits` (skips loading).
+
+    Raises:
+        TrainingDiverged: the loss or the weights became NaN or infinite.
+        TrainingInterrupted: Ctrl-C (a KeyboardInterrupt naming the last checkpoint).
     """
     if isinstance(resume, str | Path) and str(resume):
         cfg = cfg.replace(out_dir=str(resume))
     dist = init_distributed(cfg.device)
+    run_dir = RunDir(cfg.out_dir, is_main=dist.is_main)
+    trainer = None
     try:
-        run_dir = RunDir(cfg.out_dir, is_main=dist.is_main)
-        found = run_dir.prepare(resume=bool(resume), overwrite=overwrite)
+        cfg = _resume_config(cfg, run_dir) if resume else absolute_paths(cfg)
+        run_dir.prepare(resume=bool(resume), overwrite=overwrite)
         trainer = Trainer(cfg, run_dir=run_dir, dist=dist, splits=splits, quiet=quiet)
-        if found is None:
+        if not resume:
             run_dir.clear()
-        barrier()
-        if found is not None:
-            trainer.resume(found)
-        run_dir.write_config(cfg)
+        barrier()  # the main process has settled the checkpoints
+        if resume:
+            trainer.resume(run_dir.path)
+        if not resume or not run_dir.config_file.exists():
+            run_dir.write_config(cfg)
         finished = trainer.fit()
         summary = trainer.finish() if finished else {}
         barrier()
         return TrainResult(trainer.model, run_dir.path, trainer.state.history, summary,
                            stopped=not finished, splits=trainer.splits, is_main=dist.is_main)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_interrupted(run_dir, trainer)) from None
     finally:
         cleanup_distributed(dist)

@@ -96,6 +96,23 @@ class RunDir:
         names = (*RUN_FILES, *ckpt.CHECKPOINT_NAMES)
         return [self.path / n for n in names if (self.path / n).exists()]
 
+    def recorded_config(self) -> TrainConfig | None:
+        """The run's own config: ``config.yaml``, else the one recorded in its newest complete
+        checkpoint; None when it has neither."""
+        from padnet.train.config import load_config
+
+        if self.config_file.is_file():
+            return load_config(self.config_file)
+        found = self.find_checkpoint()
+        if found is None:
+            return None
+        data = json.loads((found / "state.json").read_text()).get("state", {}).get("config")
+        return TrainConfig.from_dict(data) if isinstance(data, dict) else None
+
+    def recorded_config_source(self) -> str:
+        """Where :meth:`recorded_config` reads the run's config (for messages)."""
+        return str(self.config_file) if self.config_file.is_file() else "its checkpoint"
+
     def prepare(self, *, resume: bool, overwrite: bool) -> Path | None:
         """The checkpoint to resume from (None for a fresh run).
 

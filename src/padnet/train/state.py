@@ -32,7 +32,8 @@ class StepStats:
 class LoopState:
     """Where the loop stands: steps done, the epoch and the step within it, this epoch's running
     sums (this process's share, or the sum over ranks in a checkpoint), one history row per
-    finished epoch, whether one-shot IMP ran, and the training time so far."""
+    finished epoch, whether one-shot IMP ran, the training time so far and the training time of
+    the current epoch (summed over its parts when checkpoints or a resume split it)."""
 
     global_step: int = 0
     epoch: int = 0
@@ -41,6 +42,7 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)
     oneshot_done: bool = False
     train_time_s: float = 0.0
+    epoch_time_s: float = 0.0
 
     def add_step(self, stats: StepStats) -> None:
         """Count one optimizer step and add its numbers to the sums."""
@@ -64,30 +66,38 @@ class LoopState:
         """Mean training loss of this epoch so far (this process)."""
         return self.sums["loss"] / max(self.sums["count"], 1)
 
+    def add_time(self, seconds: float) -> None:
+        """Count ``seconds`` of training in this epoch and in the run."""
+        self.train_time_s += seconds
+        self.epoch_time_s += seconds
+
     def end_epoch(self, row: dict[str, Any]) -> None:
         """Record the epoch's row and move to the next epoch."""
         self.history.append(row)
         self.epoch += 1
         self.step_in_epoch = 0
         self.sums = zero_sums()
+        self.epoch_time_s = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-serialisable) for a checkpoint."""
         return {"global_step": self.global_step, "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "sums": dict(self.sums),
                 "history": [dict(row) for row in self.history],
-                "oneshot_done": self.oneshot_done, "train_time_s": self.train_time_s}
+                "oneshot_done": self.oneshot_done, "train_time_s": self.train_time_s,
+                "epoch_time_s": self.epoch_time_s}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoopState:
-        """Inverse of :meth:`to_dict`; ValueError when a field is missing."""
-        missing = [f.name for f in fields(cls) if f.name not in data]
+        """Inverse of :meth:`to_dict`; ValueError when a field is missing (``epoch_time_s``,
+        absent from older checkpoints, counts from 0)."""
+        missing = [f.name for f in fields(cls) if f.name not in data and f.name != "epoch_time_s"]
         if missing:
             raise ValueError(f"the checkpoint's loop state lacks {missing}")
         sums = {k: float(data["sums"][k]) for k in SUM_KEYS}
         return cls(int(data["global_step"]), int(data["epoch"]), int(data["step_in_epoch"]),
                    sums, [dict(row) for row in data["history"]], bool(data["oneshot_done"]),
-                   float(data["train_time_s"]))
+                   float(data["train_time_s"]), float(data.get("epoch_time_s", 0.0)))
 
 
 def format_row(row: dict[str, Any], epochs: int) -> str:
