@@ -29,3 +29,10 @@ def test_subclasses_of_conv2d_are_listed_as_skipped() -> None:
     report = padnet.dynamize(model, "dyconv").padnet_report
     assert [(e.name, e.reason) for e in report.skipped] == [
         ("0", "stem"), ("1", "a subclass of Conv2d, not converted")]
+
+
+def test_a_model_whose_ffns_are_all_moe_already_is_refused() -> None:
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4)))
+    padnet.dynamize(model, "moe", num_experts=2, top_k=1)
+    with pytest.raises(ValueError, match="is a MoE already"):
+        padnet.dynamize(model, "moe", num_experts=2, top_k=1)

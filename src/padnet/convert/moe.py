@@ -277,6 +277,9 @@ def dynamize_moe(
         report.converted.append(ConversionEntry(block.name, before, type(moe).__name__))
     if converted_bert and padding_from_attention_mask:
         _install_mask_hint(model, converted_bert)
+    if not report.converted and all(e.reason == "already a MoE" for e in report.skipped):
+        raise ValueError(f"every FFN block of {type(model).__name__} is a MoE already (from an "
+                         "earlier conversion): convert a fresh copy of the dense model")
     return report
 
 
