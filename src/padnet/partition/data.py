@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.loss import _Loss
 
-__all__ = ["BatchSource", "check_loss", "default_loss", "scoring_context", "to_device"]
+__all__ = ["BatchSource", "check_loss", "default_loss", "resolve_loss_fn", "scoring_context",
+           "to_device"]
 
 # ---- data -----------------------------------------------------------------------------------
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -51,6 +53,49 @@ def default_loss(model: nn.Module, batch: Any) -> Tensor:
         return F.cross_entropy(logits, batch[1])
     raise TypeError(f"no default loss for a batch of type {type(batch).__name__}: pass "
                     "loss_fn(model, batch) -> scalar Tensor")
+
+
+class _OutputsTargets:
+    """A loss of ``(outputs, targets)`` as IMP's ``loss_fn(model, batch)``."""
+
+    def __init__(self, loss: Callable[..., Tensor]) -> None:
+        self.loss = loss
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"loss_fn {self.loss!r} takes (outputs, targets), so batches must be "
+                            f"(inputs, targets) pairs; got {type(batch).__name__}")
+        return self.loss(model(batch[0]), batch[1])
+
+
+class _Checked:
+    """A user's ``loss_fn(model, batch)`` whose type errors explain the expected form."""
+
+    def __init__(self, loss_fn: Callable[..., Tensor]) -> None:
+        self.loss_fn = loss_fn
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        try:
+            return self.loss_fn(model, batch)
+        except (TypeError, AttributeError) as err:
+            raise TypeError(
+                f"loss_fn is called as loss_fn(model, batch) and returns the loss; it raised "
+                f"{type(err).__name__}: {err}. For a loss of (outputs, targets) pass "
+                "loss_fn=lambda model, batch: my_loss(model(batch[0]), batch[1])") from err
+
+
+def resolve_loss_fn(loss_fn: Callable[..., Tensor] | None) -> Callable[[nn.Module, Any], Tensor]:
+    """IMP's loss as ``fn(model, batch)``: the default loss for None; a PyTorch loss of
+    ``(outputs, targets)`` (an ``nn`` loss module or a ``torch.nn.functional`` loss) applied to
+    ``model(inputs)``; any other callable as it is, its type errors explained."""
+    if loss_fn is None:
+        return default_loss
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (model, batch) -> scalar Tensor, got "
+                        f"{loss_fn!r}")
+    if isinstance(loss_fn, _Loss) or getattr(loss_fn, "__module__", "") == "torch.nn.functional":
+        return _OutputsTargets(loss_fn)
+    return _Checked(loss_fn)
 
 
 def check_loss(loss: Any) -> Tensor:

@@ -26,11 +26,11 @@ from torch import Tensor, nn
 
 from padnet.layers.protocol import PadWeight, find_pad_weights
 from padnet.partition import scores as S
-from padnet.partition.data import BatchSource, default_loss, scoring_context, to_device
+from padnet.partition.data import BatchSource, resolve_loss_fn, scoring_context, to_device
 from padnet.partition.observe import LossFn, PassResult, all_reduce_sum, scoring_pass
 from padnet.partition.report import PartitionResult
 from padnet.partition.schedule import SCHEDULES, iteration_steps, kappa_schedule
-from padnet.utils.checks import check_callable, check_choice, check_int, check_optional
+from padnet.utils.checks import check_choice, check_int, check_optional
 
 __all__ = ["OPTIONS", "IterativePartition", "partition_model"]
 
@@ -73,14 +73,13 @@ class IterativePartition:
             check_choice(value, key, S.SCORES.names() if key == "score" else OPTIONS[key])
         check_optional(num_batches, check_int, "num_batches", 1)
         check_int(seed, "seed")
-        check_optional(loss_fn, check_callable, "loss_fn", "(model, batch) -> scalar Tensor")
         self.entries: list[PadWeight] = find_pad_weights(model)
         if not self.entries:
             raise ValueError("model has no PAD layers: call padnet.dynamize(model) first")
         self.config = {"dynamic_ratio": float(dynamic_ratio), "iterations": iterations,
                        "start_step": start_step, "end_step": end_step, "num_batches": num_batches,
                        **opts, "seed": seed, "normalize": bool(normalize)}
-        self.loss_fn = loss_fn if loss_fn is not None else default_loss
+        self.loss_fn = resolve_loss_fn(loss_fn)
         self.source = BatchSource(data, num_batches, cycle=True)
         self.steps_done = 0
         self.result = PartitionResult(
@@ -244,7 +243,9 @@ def partition_model(
         model: a model with PAD layers (see :func:`padnet.dynamize`); masks change in place.
         data: re-iterable batches: ``(inputs, targets)`` (cross-entropy of ``model(inputs)``),
             dicts (``model(**batch).loss``), or anything ``loss_fn(model, batch)`` takes.
-        loss_fn: ``loss_fn(model, batch) -> scalar Tensor`` replacing the default loss.
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor`` replacing the default loss; a
+            PyTorch loss of ``(outputs, targets)`` (``nn.CrossEntropyLoss()``,
+            ``F.cross_entropy``...) is applied to ``model(inputs)`` of ``(inputs, targets)``.
         dynamic_ratio: target kappa in [0, 1]. iterations: T >= 1.
         schedule: ``exponential`` or ``linear`` (:mod:`padnet.partition.schedule`).
         scope: ``global`` (one threshold: exactly ``round(kappa_t * N)`` dynamic positions over
