@@ -10,11 +10,21 @@ help text shows the config's default. Booleans may be given bare (``--pretrained
 from __future__ import annotations
 
 import argparse
+import errno
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
-__all__ = ["CommandParser", "UsageError", "add_config_arguments", "config_overrides",
-           "normalize_flags", "reject_unknown"]
+__all__ = ["CommandError", "CommandParser", "UsageError", "add_config_arguments",
+           "config_overrides", "normalize_flags", "os_error_message", "reject_unknown"]
+
+
+class CommandError(Exception):
+    """A failure a subcommand has explained: ``padnet`` prints the message (no traceback) and
+    exits with ``status``."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class UsageError(Exception):
@@ -132,3 +142,16 @@ def normalize_flags(argv: Sequence[str]) -> list[str]:
             token = name.replace("_", "-") + eq + value
         out.append(token)
     return out
+
+
+def os_error_message(err: OSError) -> str:
+    """An OSError as a sentence: what failed, on which file, and what to do."""
+    text = err.strerror or str(err)
+    if err.filename:
+        text += f": {err.filename}"
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        text += (" (free some space or write elsewhere; the files written before are intact: "
+                 "a file is only replaced by a complete new version)")
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        text += " (choose a directory you can write to)"
+    return text

@@ -3,7 +3,9 @@
 Every config key is also a flag (``--lr 0.05``, ``--dynamic-ratio 0.3``); without ``-c`` the
 defaults are the base. ``padnet list`` shows the shipped configs. ``--resume [RUN_DIR]``
 continues a run from its latest checkpoint (the run in ``out_dir`` when no directory is given;
-without ``-c`` the run's own ``config.yaml`` is used). Under
+without ``-c`` the run's own ``config.yaml`` is used, and flags may change only what does not
+change the experiment: out_dir, stop_after, save_every, eval_every, eval_batch_size,
+num_workers, device). Under
 ``torchrun --nproc_per_node=N -m padnet train ...`` the run is data-parallel (gloo on CPU, nccl
 on GPU) and only rank 0 writes files.
 """
@@ -32,14 +34,52 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from padnet.train import load_config, train
+def _config(args: argparse.Namespace) -> tuple:
+    """``(config, run directory to resume or None)``: ``-c`` plus flags, or for a resume without
+    ``-c`` the run's own config plus flags."""
+    from padnet.train import TrainConfig, load_config
+    from padnet.train.rundir import RunDir
 
-    config = args.config
-    if config is None and isinstance(args.resume, str):
-        config = Path(args.resume) / "config.yaml"
-    cfg = load_config(config, config_overrides(args))
-    result = train(cfg, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
+    overrides = config_overrides(args)
+    if args.config is not None or args.resume is None:
+        cfg = load_config(args.config, overrides)
+        if args.resume is None:
+            return cfg, None
+        return cfg, Path(args.resume) if isinstance(args.resume, str) else Path(cfg.out_dir)
+    run = Path(args.resume) if isinstance(args.resume, str) else Path(
+        overrides.get("out_dir", TrainConfig().out_dir))
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"{run} is a file, not a run directory")
+    recorded = RunDir(run).recorded_config()
+    if recorded is None:
+        raise FileNotFoundError(f"{run} holds no run to resume (no config.yaml and no "
+                                "checkpoint); start it with padnet train -c CONFIG")
+    return recorded.replace(**{k: v for k, v in overrides.items() if k != "out_dir"}), run
+
+
+def _where_it_stands(run: Path) -> str:
+    from padnet.train.checkpoint import checkpoint_step, find_checkpoint
+
+    found = find_checkpoint(run) if run.is_dir() else None
+    if found is None:
+        return "no checkpoint was written; start the run again (with --overwrite)"
+    return (f"the last checkpoint (step {checkpoint_step(found)}) in {found} is intact; "
+            f"resume with: padnet train --resume {run}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from padnet.cli.options import CommandError, os_error_message
+    from padnet.train import train
+
+    cfg, resume = _config(args)
+    try:
+        result = train(cfg, resume=str(resume) if resume is not None else None,
+                       quiet=args.quiet, overwrite=args.overwrite)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise
+    except OSError as err:
+        run_dir = resume if resume is not None else Path(cfg.out_dir)
+        raise CommandError(f"{os_error_message(err)}; {_where_it_stands(run_dir)}") from err
     if not result.is_main:
         return 0
     if result.stopped:

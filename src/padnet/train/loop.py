@@ -243,7 +243,10 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{st.mean_loss():.4f}", refresh=False)
                 stop = cfg.stop_after and st.global_step >= cfg.stop_after
-                if stop or (cfg.save_every and st.global_step % cfg.save_every == 0):
+                # the epoch's last step is saved by the epoch-end checkpoint that follows
+                due = (cfg.save_every and st.global_step % cfg.save_every == 0
+                       and st.step_in_epoch < self.steps_per_epoch)
+                if stop or due:
                     st.add_time(time.perf_counter() - start)
                     self.save_checkpoint()
                     start = time.perf_counter()
