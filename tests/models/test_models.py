@@ -325,7 +325,7 @@ def test_pretrained_rejects_a_width_mult():
 @needs_weights
 def test_pretrained_checks_the_sha256(monkeypatch):
     spec = dataclasses.replace(pretrained_mod.PRETRAINED_WEIGHTS["mobilenet_v2"],
-                               sha256_prefix="00000000")
+                               sha256="0" * 64)
     monkeypatch.setitem(pretrained_mod.PRETRAINED_WEIGHTS, "mobilenet_v2", spec)
     with pytest.raises(RuntimeError, match="sha256"):
         load_pretrained(create_model("mobilenet_v2"), "mobilenet_v2")

