@@ -19,6 +19,7 @@ from padnet.train.config import TrainConfig
 from padnet.train.distributed import all_reduce_sum
 from padnet.train.metrics import classification_metrics, confusion_matrix
 from padnet.train.state import StepStats
+from padnet.utils.io import fault_point
 
 __all__ = ["autocast_for", "evaluate", "has_aux_loss", "seed_everything", "set_schedules",
            "train_step"]
@@ -91,6 +92,7 @@ def train_step(
         scaler.unscale_(optimizer)
     else:
         total.backward()
+    fault_point("train_step")  # tests: a kill between backward and the optimizer step
     if cfg.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     if scaler is not None:
