@@ -82,6 +82,7 @@ class ModeMask(nn.Module):
         self.shape = tuple(int(s) for s in shape)
         self.num_factors = int(num_factors)
         self.register_buffer("mask", torch.ones(self.shape, dtype=torch.bool, device=device))
+        self._refresh_state()
         self.phi = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
         self.mask_override: Tensor | None = None
         self.scale_mode = "both"
@@ -135,6 +136,7 @@ class ModeMask(nn.Module):
         if tuple(mask.shape) != self.shape:
             raise ValueError(f"mask must have shape {self.shape}, got {tuple(mask.shape)}")
         self.mask.copy_(mask.to(device=self.mask.device) != 0)
+        self._refresh_state()
 
     @torch.no_grad()
     def set_ratio(
@@ -164,17 +166,31 @@ class ModeMask(nn.Module):
     def state(self) -> str:
         """``'dynamic'`` (all positions dynamic), ``'static'`` (none) or ``'mixed'``.
 
-        Layers use it to skip work that is exactly zero. Cached until the mask changes in place
-        (tracked by the buffer's version counter); always ``'mixed'`` while an override is set.
+        Layers use it to skip work that is exactly zero; always ``'mixed'`` while an override is
+        set. The answer is a Python-side cache kept by :meth:`set_mask` (and so
+        :meth:`set_ratio`) and by ``load_state_dict``. In eager mode it is also refreshed after
+        in-place operations on the buffer (``mask.copy_``, ``mask.fill_``, a DDP buffer
+        broadcast: tracked by its version counter). Under ``torch.compile`` it is read as it is,
+        a Python constant that the compiled graph is specialised (and guarded) on, so the graph
+        holds no tensor-to-Python conversion: a compiled model sees such in-place writes only
+        after an eager call of :meth:`state`. Writes through ``mask.data[...]`` bypass the
+        version counter altogether. Change masks with :meth:`set_mask`.
         """
         if self.mask_override is not None:
             return "mixed"
-        key = (id(self.mask), self.mask._version)
-        if getattr(self, "_state_key", None) != key:
-            n = self.num_dynamic
-            self._state = "dynamic" if n == self.numel else "static" if n == 0 else "mixed"
-            self._state_key = key
-        return self._state
+        if not torch.compiler.is_compiling() and getattr(self, "_state_key", None) != (
+                id(self.mask), self.mask._version):
+            self._refresh_state()
+        return getattr(self, "_state", "mixed")  # 'mixed' is right for any mask
+
+    def _refresh_state(self) -> None:
+        """Recompute the cached :meth:`state` from the mask (outside any compiled region)."""
+        if self.mask.is_meta:  # no values yet (a meta-device build): decided on first use
+            self._state, self._state_key = "mixed", None
+            return
+        n = self.num_dynamic
+        self._state = "dynamic" if n == self.numel else "static" if n == 0 else "mixed"
+        self._state_key = (id(self.mask), self.mask._version)
 
     def mask_as(self, like: Tensor) -> Tensor:
         """The mask (or its override, when set) as a float tensor of ``like``'s dtype and
@@ -246,4 +262,5 @@ class ModeMask(nn.Module):
         if key in state_dict and state_dict[key].dtype != torch.bool:
             state_dict[key] = state_dict[key] != 0
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_state()
 
