@@ -183,8 +183,11 @@ def grouped_ffn(
         out = _bmm(activation(pre), _fold_all(w2, f2, s2), b2)
         return out.reshape(-1, w2.shape[1]).index_select(0, row)
     tensors = (*m1, *m2)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
-        return GroupedFFN.apply(x, *tensors, dispatch.counts, activation)
+    act_params = tuple(p for p in activation.parameters() if p.requires_grad) \
+        if isinstance(activation, torch.nn.Module) else ()
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, *tensors, *act_params)):
+        return GroupedFFN.apply(x, *tensors, dispatch.counts, activation, *act_params)
     with torch.no_grad():
         return _ffn_loop(x, m1, m2, dispatch.counts, activation)[0]
 
@@ -253,7 +256,8 @@ def _accumulate(g: Tensor, w: Tensor, f: Tensor | None, gf: Tensor | None,
 
 class GroupedFFN(torch.autograd.Function):
     """Loop-over-experts FFN with a hand-written backward (inputs: ``x``, the 4 tensors of
-    each :data:`Matrix`, ``counts``, ``activation``).
+    each :data:`Matrix`, ``counts``, ``activation`` and the activation's trainable parameters,
+    e.g. PReLU's slope, whose gradient the backward adds up over the experts).
 
     Compared with autograd over per-expert ``F.linear`` calls on folded weights, it never
     allocates an ``(E, out, in)`` tensor besides the weight gradients themselves (each expert's
@@ -263,10 +267,12 @@ class GroupedFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1, f1, s1, b1, w2, f2, s2, b2, counts, activation):  # noqa: ANN001
+    def forward(ctx, x, w1, f1, s1, b1, w2, f2, s2, b2, counts, activation,  # noqa: ANN001
+                *act_params):
         m1, m2 = (w1, f1, s1, b1), (w2, f2, s2, b2)
         out, pre = _ffn_loop(x, m1, m2, counts, activation, keep_pre=True)
         ctx.save_for_backward(x, w1, f1, s1, w2, f2, s2, pre)
+        ctx.act_params = act_params
         ctx.meta = (counts, activation, b1 is not None, b2 is not None)
         return out
 
@@ -286,6 +292,8 @@ class GroupedFFN(torch.autograd.Function):
         gf1, gs1, gf2, gs2 = zeros(f1, 2), zeros(s1, 3), zeros(f2, 6), zeros(s2, 7)
         gb1 = w1.new_zeros(w1.shape[:2]) if has_b1 else None
         gb2 = w2.new_zeros(w2.shape[:2]) if has_b2 else None
+        params = ctx.act_params
+        g_params = [torch.zeros_like(p) for p in params]
         start = 0
         for e, n in enumerate(counts):
             if n == 0:  # an expert without tokens: zero gradient
@@ -304,7 +312,12 @@ class GroupedFFN(torch.autograd.Function):
                 torch.sum(go, 0, out=gb2[e])
             w, alpha = _expert_weight(m2, e)
             g_hid = torch.mm(go, w)
-            (g_pre,) = torch.autograd.grad(hid, pre, g_hid if alpha == 1.0 else g_hid.mul_(alpha))
+            g_pre, *g_act = torch.autograd.grad(
+                hid, (pre, *params), g_hid if alpha == 1.0 else g_hid.mul_(alpha),
+                allow_unused=True)
+            for acc, g in zip(g_params, g_act, strict=True):
+                if g is not None:
+                    acc += g
             torch.mm(g_pre.t(), x[rows], out=gw1[e])
             _accumulate(gw1[e], w1[e], f1, gf1, gs1)
             if gb1 is not None:
@@ -315,7 +328,7 @@ class GroupedFFN(torch.autograd.Function):
         for g, f in ((gw1, f1), (gw2, f2)):  # dL/dw_e = factor * dL/dW_e(eff)
             if f is not None and (f.dim() > 0 or float(f) != 1.0):
                 g.mul_(f)
-        return gx, gw1, gf1, gs1, gb1, gw2, gf2, gs2, gb2, None, None
+        return gx, gw1, gf1, gs1, gb1, gw2, gf2, gs2, gb2, None, None, *g_params
 
 
 def combine(y: Tensor, dispatch: Dispatch, gates: Tensor, *, inplace: bool = False) -> Tensor:
