@@ -389,3 +389,12 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
 def test_bad_inputs(call, error, match) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+def test_expert_counts_leave_out_padding_tokens() -> None:
+    torch.manual_seed(0)
+    layer = MoE(6, 10, num_experts=3, top_k=2)
+    x = torch.randn(2, 5, 6)
+    real = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    layer(x, real)
+    assert int(layer.aux_terms["expert_counts"].sum()) == 7 * 2

@@ -24,3 +24,4 @@ def test_prelu_gets_the_same_gradient_as_on_the_bmm_path(path) -> None:
     assert act_grad is not None and float(act_grad.abs().sum()) > 0
     torch.testing.assert_close(act_grad, ref_act)
     torch.testing.assert_close(w1_grad, ref_w1)
+

@@ -248,8 +248,10 @@ class MoE(PadLayer):
             lb = rt.load_balancing_loss(logits, experts, valid)
             z = rt.router_z_loss(logits, valid)
         self.aux_loss = self.load_balance_coef * lb + self.z_loss_coef * z
-        kept = experts if keep is None else experts[keep]
-        counts = torch.bincount(kept.reshape(-1), minlength=self.num_experts)
+        slots = torch.ones_like(experts, dtype=torch.bool) if keep is None else keep
+        if valid is not None:  # padding tokens are not counted
+            slots = slots & valid[:, None]
+        counts = torch.bincount(experts[slots], minlength=self.num_experts)
         self.aux_terms = {"load_balance": lb.detach(), "z_loss": z.detach(),
                           "expert_counts": counts}
 
