@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import types
 
 import numpy as np
@@ -213,3 +214,40 @@ def test_image_data_with_a_text_model_says_which_models_fit(npz, tmp_path):
                              "--out-dir", str(tmp_path / "run")])
     with pytest.raises(ValueError, match=r"'npz' holds images.*'minilm' is a text model"):
         train(cfg, quiet=True)
+
+
+# ---- damaged checkpoints and file modes ------------------------------------------------------
+def test_resume_past_a_truncated_checkpoint_file_uses_the_other_complete_one(npz, tmp_path):
+    full = train(config(npz, tmp_path / "full"), quiet=True)
+    run = tmp_path / "run"
+    train(config(npz, run, "--stop-after", "2"), quiet=True)
+    shutil.copytree(run / "checkpoint", tmp_path / "step2")
+    train(config(npz, run, "--stop-after", "3"), resume=True, quiet=True)
+    (tmp_path / "step2").rename(run / "checkpoint.old")  # an older complete copy
+    path = run / "checkpoint" / "optimizer.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.warns(UserWarning, match="not a complete checkpoint"):
+        done = train(config(npz, run), resume=True, quiet=True)
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, done.model.state_dict()[key]), key
+    assert (run / "checkpoint.damaged" / "optimizer.safetensors").is_file()
+
+
+def test_overwrite_replaces_a_run_with_a_truncated_checkpoint_file(npz, tmp_path):
+    run = tmp_path / "run"
+    train(config(npz, run, "--stop-after", "2"), quiet=True)
+    path = run / "checkpoint" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(config(npz, run), quiet=True)
+    assert path.stat().st_size == 50
+    assert not train(config(npz, run), overwrite=True, quiet=True).stopped
+
+
+def test_every_file_of_a_run_gets_the_usual_permissions(npz, tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    train(config(npz, tmp_path / "run", "--epochs", "1"), quiet=True)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert len(files) == 7
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~mask)}

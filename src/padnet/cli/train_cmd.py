@@ -52,8 +52,8 @@ def _config(args: argparse.Namespace) -> tuple:
         raise ValueError(f"{run} is a file, not a run directory")
     recorded = RunDir(run).recorded_config()
     if recorded is None:
-        raise FileNotFoundError(f"{run} holds no run to resume (no config.yaml and no "
-                                "checkpoint); start it with padnet train -c CONFIG")
+        raise FileNotFoundError(f"no run to resume in {run} (no config.yaml and no checkpoint); "
+                                "start one with padnet train -c CONFIG")
     return recorded.replace(**{k: v for k, v in overrides.items() if k != "out_dir"}), run
 
 
