@@ -39,8 +39,11 @@ def effective_weights(layer) -> tuple[Tensor, Tensor]:
 
 
 def route_token(logits: Tensor, k: int) -> tuple[list[int], Tensor]:
-    """Top-k of one token's logits ``(E,)``: lower index first among ties; softmax over the kept."""
+    """Top-k of one token's logits ``(E,)``: lower index first among ties; softmax over the kept
+    (k >= 2) or the kept probability (k = 1)."""
     order = sorted(range(logits.numel()), key=lambda e: (-float(logits[e].detach()), e))[:k]
+    if k == 1:  # the kept probability (Switch Transformer)
+        return order, torch.softmax(logits, dim=0)[order]
     return order, torch.softmax(logits[order], dim=0)
 
 

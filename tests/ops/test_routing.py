@@ -32,8 +32,22 @@ def test_gates_are_the_softmax_over_the_kept_logits() -> None:
     gates, experts = rt.top_k_gating(logits, 2)
     assert experts.tolist() == [[1, 3]]
     torch.testing.assert_close(gates, torch.softmax(torch.tensor([[2.0, 1.0]]), -1))
+
+
+def test_top_1_gate_is_the_kept_probability() -> None:
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0]])
     gates, experts = rt.top_k_gating(logits, 1)
-    assert experts.tolist() == [[1]] and gates.tolist() == [[1.0]]
+    assert experts.tolist() == [[1]]
+    torch.testing.assert_close(gates, torch.softmax(logits, -1)[:, 1:2])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_the_gates_pass_a_task_gradient_to_the_logits_at_every_k(k) -> None:
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0], [1.0, 0.0, 0.3, -0.2]], requires_grad=True)
+    gates, _ = rt.top_k_gating(logits, k)
+    weights = torch.tensor([[1.0, -2.0, 0.5][:k], [0.3, 1.0, -1.0][:k]])
+    (gates * weights).sum().backward()
+    assert float(logits.grad.abs().sum()) > 0
 
 
 def test_router_logits_are_at_least_fp32() -> None:

@@ -166,17 +166,25 @@ class MoE(PadLayer):
         ``w1`` ``(intermediate, hidden)``, ``w2`` ``(hidden, intermediate)``, biases or None
         (zeros). ``copy_noise_std`` adds Gaussian noise of that std, relative to each weight's
         std, to every expert copy (then the layer is no longer exactly the dense FFN).
+
+        With ``top_k = 1`` the gate is the kept probability, not 1: the router is zeroed (every
+        probability ``1/E``) and the second matrix and its bias are copied times E, so the layer
+        still equals the dense FFN at the start.
         """
-        for dst, src, static in ((self.w1, w1, self.w1_static), (self.w2, w2, self.w2_static)):
+        scale = float(self.num_experts) if self.top_k == 1 else 1.0
+        if scale != 1.0:
+            self.router.weight.zero_()
+        for dst, src, static, s in ((self.w1, w1, self.w1_static, 1.0),
+                                    (self.w2, w2, self.w2_static, scale)):
             if tuple(src.shape) != tuple(static.shape):
                 raise ValueError(f"dense weight shape {tuple(src.shape)} != {tuple(static.shape)}")
-            static.copy_(src)
-            dst.copy_(src.expand_as(dst))
+            static.copy_(src * s)
+            dst.copy_((src * s).expand_as(dst))
             if copy_noise_std > 0:
-                dst.add_(torch.randn_like(dst) * (copy_noise_std * src.std()))
-        for dst, src in ((self.b1, b1), (self.b2, b2)):
+                dst.add_(torch.randn_like(dst) * (copy_noise_std * s * src.std()))
+        for dst, src, s in ((self.b1, b1, 1.0), (self.b2, b2, scale)):
             if dst is not None:
-                dst.copy_(src.expand_as(dst) if src is not None else torch.zeros_like(dst))
+                dst.copy_((src * s).expand_as(dst) if src is not None else torch.zeros_like(dst))
 
     @classmethod
     def from_dense(
@@ -192,9 +200,10 @@ class MoE(PadLayer):
         **kwargs,
     ) -> MoE:
         """A MoE upcycled from the dense FFN ``fc2(act(fc1(x)))`` (function-preserving for
-        ``init='copy'`` and any mask, since the kept gates sum to 1). ``'copy_noise'`` adds
-        relative noise ``copy_noise_std`` to the expert copies, ``'kaiming'`` initialises at
-        random."""
+        ``init='copy'`` and any mask: the kept gates sum to 1 for ``top_k >= 2``, and for top-1
+        routing :meth:`load_dense` makes the router uniform and scales the copies).
+        ``'copy_noise'`` adds relative noise ``copy_noise_std`` to the expert copies,
+        ``'kaiming'`` initialises at random."""
         check_choice(init, "init", INITS)
         if fc1.out_features != fc2.in_features or fc2.out_features != fc1.in_features:
             raise ValueError(

@@ -94,8 +94,11 @@ def top_k_gating(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
         logits: ``(N, E)`` router logits.
         k: experts kept per token, ``1 <= k <= E``.
     Returns:
-        ``gates`` ``(N, k)`` (softmax over the kept logits, logits' dtype) and ``experts``
-        ``(N, k)`` int64, both ordered by decreasing logit.
+        ``gates`` ``(N, k)`` (logits' dtype) and ``experts`` ``(N, k)`` int64, both ordered by
+        decreasing logit. For ``k >= 2`` the gates are the softmax over the kept logits (they sum
+        to 1); for ``k = 1`` the gate is the kept expert's probability under the softmax over all
+        logits, as in Switch Transformer (a softmax over one logit would be a constant 1 and the
+        router would learn from the auxiliary losses alone).
     """
     num_experts = logits.shape[-1]
     if not 1 <= k <= num_experts:
@@ -103,6 +106,8 @@ def top_k_gating(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     # a stable descending sort keeps the lower index first among equal logits (torch.topk does not
     # promise an order for ties)
     values, experts = torch.sort(logits, dim=-1, descending=True, stable=True)
+    if k == 1:
+        return torch.softmax(logits, dim=-1).gather(-1, experts[..., :1]), experts[..., :1]
     values, experts = values[..., :k], experts[..., :k]
     return torch.softmax(values, dim=-1), experts
 
