@@ -68,7 +68,8 @@ def _router_from_spec(spec: dict[str, Any]) -> nn.Module:
     hidden = {"reduction": math.inf, "min_hidden": spec["router_hidden"]}
     if spec["routing"] == "odconv":
         return ODConvRouter(spec["in_channels"], spec["out_channels"],
-                            tuple(spec["kernel_size"]), spec["num_kernels"], **hidden)
+                            tuple(spec["kernel_size"]), spec["num_kernels"],
+                            groups=spec["groups"], **hidden)
     if spec["routing"] == "sigmoid":
         return ConvRouter(spec["in_channels"], spec["num_kernels"], activation="sigmoid")
     return ConvRouter(spec["in_channels"], spec["num_kernels"], activation="softmax", **hidden)

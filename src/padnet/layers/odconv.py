@@ -75,7 +75,8 @@ class ODConv2d(PadConv2d):
             scale_mode=scale_mode, path=path, device=device, dtype=dtype,
         )
         self.router = ODConvRouter(
-            in_channels, out_channels, self.kernel_size, num_kernels, reduction=reduction,
+            in_channels, out_channels, self.kernel_size, num_kernels, groups=groups,
+            reduction=reduction,
             min_hidden=min_hidden, temperature=temperature, device=device, dtype=dtype,
         )
 
@@ -133,11 +134,12 @@ class ODConv2d(PadConv2d):
     def init_from_dense(
         self, weight: Tensor, bias: Tensor | None, *, copy_noise_std: float
     ) -> None:
-        """Function-preserving start from a dense kernel (see :meth:`from_conv`): the four
-        attention heads are zeroed (kernel attention ``1/K``, the three sigmoid attentions 0.5)
-        and the kernel copies scaled by 8; biases, which skip the attentions, are copied as
-        they are."""
+        """Function-preserving start from a dense kernel (see :meth:`from_conv`): the attention
+        heads are zeroed (kernel attention ``1/K``, each of the n sigmoid attentions 0.5; n = 3,
+        less for 1x1 or depthwise layers) and the kernel copies scaled by ``2^n``; biases, which
+        skip the attentions, are copied as they are."""
         for fc in self.router.output_layers():
             nn.init.zeros_(fc.weight)
             nn.init.zeros_(fc.bias)
-        self.load_dense(weight, bias, scale=8.0, bias_scale=1.0, copy_noise_std=copy_noise_std)
+        scale = float(2 ** self.router.sigmoid_heads())
+        self.load_dense(weight, bias, scale=scale, bias_scale=1.0, copy_noise_std=copy_noise_std)

@@ -107,8 +107,10 @@ class ODAttention(NamedTuple):
 
 
 class ODConvRouter(nn.Module):
-    """ODConv's multi-dimensional attention: GAP -> FC -> ReLU -> four heads.
+    """ODConv's multi-dimensional attention: GAP -> FC -> ReLU -> up to four heads.
 
+    As in the original, a 1x1 kernel has no spatial attention and a depthwise layer
+    (``groups == in_channels == out_channels``) no filter attention: those attentions are 1.
     ODConv puts a BatchNorm after the hidden FC; it is left out here because it fails on a batch
     of one sample in training and couples samples, which per-sample routing should not do.
     """
@@ -120,6 +122,7 @@ class ODConvRouter(nn.Module):
         kernel_size: tuple[int, int],
         num_kernels: int,
         *,
+        groups: int = 1,
         reduction: float = 16,
         min_hidden: int = 16,
         temperature: float = 1.0,
@@ -129,27 +132,38 @@ class ODConvRouter(nn.Module):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         hidden = hidden_size(in_channels, reduction, min_hidden)
+        self.out_channels, self.spatial_size = out_channels, kernel_size[0] * kernel_size[1]
         self.register_buffer("temperature", torch.tensor(_check_temperature(temperature), **kw))
         self.fc = nn.Linear(in_channels, hidden, bias=False, **kw)
         self.kernel_fc = nn.Linear(hidden, num_kernels, **kw)
         self.channel_fc = nn.Linear(hidden, in_channels, **kw)
-        self.filter_fc = nn.Linear(hidden, out_channels, **kw)
-        self.spatial_fc = nn.Linear(hidden, kernel_size[0] * kernel_size[1], **kw)
+        depthwise = groups == in_channels == out_channels and groups > 1
+        self.filter_fc = None if depthwise else nn.Linear(hidden, out_channels, **kw)
+        pointwise = self.spatial_size == 1
+        self.spatial_fc = None if pointwise else nn.Linear(hidden, self.spatial_size, **kw)
 
     def forward(self, x: Tensor) -> ODAttention:
         """``x (B, C_in, H, W)`` -> :class:`ODAttention`."""
         h = F.relu(self.fc(x.mean(dim=(2, 3))))  # (B, hidden)
         t = self.temperature
+        ones = h.new_ones(h.shape[0], 1)
         return ODAttention(
             kernel=torch.softmax(self.kernel_fc(h) / t, dim=-1),
             channel=torch.sigmoid(self.channel_fc(h) / t),
-            filter=torch.sigmoid(self.filter_fc(h) / t),
-            spatial=torch.sigmoid(self.spatial_fc(h) / t),
+            filter=ones.expand(-1, self.out_channels) if self.filter_fc is None
+            else torch.sigmoid(self.filter_fc(h) / t),
+            spatial=ones.expand(-1, self.spatial_size) if self.spatial_fc is None
+            else torch.sigmoid(self.spatial_fc(h) / t),
         )
 
     def output_layers(self) -> list[nn.Linear]:
-        """The four heads (zeroed to make every attention constant at conversion)."""
-        return [self.kernel_fc, self.channel_fc, self.filter_fc, self.spatial_fc]
+        """The heads (zeroed to make every attention constant at conversion)."""
+        return [fc for fc in (self.kernel_fc, self.channel_fc, self.filter_fc, self.spatial_fc)
+                if fc is not None]
+
+    def sigmoid_heads(self) -> int:
+        """How many sigmoid attentions multiply the kernel (each 0.5 when zeroed)."""
+        return 1 + (self.filter_fc is not None) + (self.spatial_fc is not None)
 
     def extra_repr(self) -> str:
         return f"temperature={float(self.temperature):g}"
