@@ -103,7 +103,14 @@ def _hf_model(cfg: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module
     hf_logging.disable_progress_bar()
     path = hf_model_path(cfg)
     if pretrained:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_classes)
+        try:  # safetensors only: a pickled checkpoint (pytorch_model.bin) is never unpickled
+            return AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_classes, use_safetensors=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot load the Hugging Face model in {path}: padnet reads its "
+                             "weights from safetensors files only (model.safetensors), never "
+                             "from pickled checkpoints; convert it with transformers' "
+                             f"save_pretrained(..., safe_serialization=True) ({err})") from None
     config = AutoConfig.from_pretrained(path, num_labels=num_classes)
     return AutoModelForSequenceClassification.from_config(config)
 
