@@ -30,140 +30,39 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from padnet.deploy.conv import DeployedConv2d
+from padnet.deploy.arch import (
+    DEPLOYED,
+    build_base,
+    deployed_layers,
+    describe_architecture,
+    identities,
+    mask_hints,
+    pad_layers,
+    stored_bytes,
+)
+from padnet.deploy.header import (
+    DIGEST,
+    FORMAT,
+    KEY,
+    VERSION,
+    few,
+    read_file,
+    read_header,
+    verify,
+)
 from padnet.deploy.moe import DeployedMoE
 
 __all__ = ["FORMAT", "VERSION", "load", "read_header", "save", "stored_bytes"]
 
-FORMAT = "padnet"
-VERSION = 1
-_KEY = "padnet"
-_DIGEST = "padnet_sha256"  # of the header text
-_DEPLOYED: dict[str, type[nn.Module]] = {"DeployedConv2d": DeployedConv2d,
-                                         "DeployedMoE": DeployedMoE}
 _ACT_ATTRS = ("intermediate_act_fn", "act", "act_fn", "activation", "activation_fn")
-_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
-_LIST = 5  # names listed in error messages
 
 
-# ---- what a model is made of ---------------------------------------------------------------
-def _hf_model_class(model: nn.Module) -> type | None:
-    """``type(model)`` when it is a Hugging Face ``PreTrainedModel`` (transformers not imported:
-    it cannot be one)."""
-    tf = sys.modules.get("transformers")
-    if tf is None:
-        return None
-    base = getattr(tf, "PreTrainedModel", None)
-    return type(model) if base is not None and isinstance(model, base) else None
-
-
-def describe_architecture(model: nn.Module) -> dict[str, Any]:
-    """How to rebuild the base (static) form of ``model`` (module docstring)."""
-    arch = getattr(model, "padnet_arch", None)
-    if isinstance(arch, dict) and isinstance(arch.get("registry"), str):
-        try:
-            return {"kind": "registry", "model": json.loads(json.dumps(arch))}
-        except (TypeError, ValueError):  # builder arguments that JSON cannot hold
-            pass
-    cls = _hf_model_class(model)
-    if cls is not None:
-        config = json.loads(model.config.to_json_string(use_diff=False))
-        return {"kind": "huggingface", "class": cls.__name__, "module": cls.__module__,
-                "config": config}
-    return {"kind": "custom", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
-
-
-def _build_base(arch: dict[str, Any]) -> nn.Module:
-    """A fresh base model from an architecture description (registry or Hugging Face)."""
-    if arch["kind"] == "registry":
-        from padnet.models import create_model
-
-        kwargs = dict(arch["model"])
-        name = kwargs.pop("registry")
-        kwargs.pop("pretrained", None)
-        return create_model(name, pretrained=False, **kwargs)
-    if arch["kind"] == "huggingface":
-        import transformers
-
-        cls = getattr(transformers, arch["class"], None)
-        if cls is None or not hasattr(cls, "config_class"):
-            raise ValueError(f"transformers {transformers.__version__} has no model class "
-                             f"{arch['class']!r}")
-        return cls(cls.config_class.from_dict(arch["config"]))
-    raise ValueError(f"no rebuild for architecture kind {arch['kind']!r}")
-
-
-def _deployed_layers(model: nn.Module) -> list[dict[str, Any]]:
-    return [{"name": name, "type": type(m).__name__, "spec": dict(m.spec)}
-            for name, m in model.named_modules() if type(m).__name__ in _DEPLOYED
-            and isinstance(m, _DEPLOYED[type(m).__name__])]
-
-
-def _pad_layers(model: nn.Module) -> list[dict[str, str]]:
-    from padnet.layers.protocol import find_pad_layers
-
-    return [{"name": name, "type": type(m).__name__} for name, m in find_pad_layers(model)]
-
-
-def _identities(model: nn.Module, arch: dict[str, Any]) -> list[str]:
-    """Names of the ``nn.Identity`` modules of ``model`` that the base model has as something
-    else (all of them when there is no base to compare with: restoring an identity that was
-    there anyway changes nothing)."""
-    names = [n for n, m in model.named_modules() if n and isinstance(m, nn.Identity)]
-    if not names or arch["kind"] == "custom":
-        return names
-    try:
-        with torch.device("meta"):
-            base = dict(_build_base(arch).named_modules())
-    except Exception:  # no meta-device build: keep them all
-        return names
-    return [n for n in names if not isinstance(base.get(n), nn.Identity)]
-
-
-def _mask_hints(model: nn.Module) -> list[dict[str, Any]]:
-    from padnet.convert.moe import AttentionMaskHint
-
-    names = {id(m): n for n, m in model.named_modules()}
-    hints = []
-    for owner_name, owner in model.named_modules():
-        for hook in owner._forward_pre_hooks.values():
-            if isinstance(hook, AttentionMaskHint):
-                layers = [names[id(m)] for m in hook.layers if id(m) in names]
-                if layers:
-                    hints.append({"module": owner_name, "layers": layers})
-    return hints
-
-
-def _pad_prefixes(model: nn.Module) -> list[str]:
-    return [d["name"] for d in _deployed_layers(model)] + [d["name"] for d in _pad_layers(model)]
-
-
-def stored_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of the state dict that :func:`save` stores: ``total``, ``pad_layers`` (the state of
-    the deployed and PAD layers: for deployed ones the compact mask bits and values, their
-    routers and biases), ``other`` (everything else) and ``num_tensors``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    prefixes = _pad_prefixes(model)
-    total = pad = 0
-    state = model.state_dict()
-    for key, value in state.items():
-        n = value.numel() * value.element_size()
-        total += n
-        if any(not p or key.startswith(f"{p}.") for p in prefixes):
-            pad += n
-    return {"total": total, "pad_layers": pad, "other": total - pad, "num_tensors": len(state)}
-
-
-# ---- save ------------------------------------------------------------------------------------
 def _tensor_bytes(t: Tensor) -> memoryview:
     """The bytes safetensors writes for ``t`` (row-major; on a little-endian machine)."""
     flat = t.detach().cpu().contiguous().reshape(-1)
@@ -203,7 +102,7 @@ def save(model: nn.Module, path: str | Path) -> int:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     state = _unshared(model.state_dict())
     arch = describe_architecture(model)
-    layers = _deployed_layers(model)
+    layers = deployed_layers(model)
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -211,9 +110,9 @@ def save(model: nn.Module, path: str | Path) -> int:
         "form": "deployed" if layers else "training",
         "architecture": arch,
         "layers": layers,
-        "identities": _identities(model, arch),
-        "mask_hints": _mask_hints(model),
-        "pad_layers": _pad_layers(model),
+        "identities": identities(model, arch),
+        "mask_hints": mask_hints(model),
+        "pad_layers": pad_layers(model),
         "dtype": _float_dtype(state),
         "stored_bytes": stored_bytes(model),
         "tensors": {k: {"sha256": hashlib.sha256(_tensor_bytes(v)).hexdigest(),
@@ -225,107 +124,9 @@ def save(model: nn.Module, path: str | Path) -> int:
     except (TypeError, ValueError) as err:
         raise ValueError(f"cannot save {type(model).__name__} to {path}: its description is "
                          f"not JSON ({err})") from err
-    meta = {"format": "pt", _KEY: text, _DIGEST: hashlib.sha256(text.encode()).hexdigest()}
+    meta = {"format": "pt", KEY: text, DIGEST: hashlib.sha256(text.encode()).hexdigest()}
     written = save_safetensors(path, state, meta)
     return written.stat().st_size
-
-
-# ---- read ------------------------------------------------------------------------------------
-def _not_padnet(path: Path, why: str) -> ValueError:
-    return ValueError(f"{path} is not a padnet model file ({why}); padnet.load reads files "
-                      "written by padnet.save")
-
-
-def _read(path: str | Path) -> tuple[Path, bytes, dict[str, Any], dict[str, Any]]:
-    """``(path, file bytes, safetensors header, padnet header)``, checked for format and
-    truncation (not for checksums)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no model file at {path}: write one with padnet.save")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; padnet.load takes the .safetensors file "
-                         "written by padnet.save")
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise _not_padnet(path, f"only {len(data)} bytes, not a safetensors file")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > _MAX_HEADER or data[8:9] != b"{":
-        raise _not_padnet(path, "not a safetensors file")
-    if 8 + n > len(data):
-        raise ValueError(f"{path} is truncated (its header needs {8 + n} bytes, the file has "
-                         f"{len(data)}): write it again with padnet.save")
-    try:
-        st_header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        if _DIGEST.encode() in data[8:8 + n]:  # a padnet file, damaged
-            raise ValueError(f"{path}: damaged header ({err}); write it again with "
-                             "padnet.save") from None
-        raise _not_padnet(path, f"unreadable safetensors header: {err}") from None
-    if not isinstance(st_header, dict):
-        raise _not_padnet(path, "unreadable safetensors header")
-    meta = st_header.get("__metadata__") or {}
-    text = meta.get(_KEY) if isinstance(meta, dict) else None
-    if not isinstance(text, str):
-        raise _not_padnet(path, "a safetensors file without a padnet header; load it with "
-                          "safetensors.torch.load_file and model.load_state_dict")
-    if meta.get(_DIGEST) != hashlib.sha256(text.encode()).hexdigest():
-        raise ValueError(f"{path}: damaged padnet header (checksum mismatch); write it again "
-                         "with padnet.save")
-    try:
-        header = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: damaged padnet header ({err}); write it again with "
-                         "padnet.save") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise _not_padnet(path, "the padnet header names another format")
-    if not isinstance(header.get("version"), int) or header["version"] > VERSION:
-        raise ValueError(f"{path} has padnet file format version {header.get('version')!r}; "
-                         f"this padnet reads up to version {VERSION}: upgrade padnet")
-    try:
-        end = max((int(v["data_offsets"][1]) for k, v in st_header.items()
-                   if k != "__metadata__"), default=0)
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise _not_padnet(path, "malformed safetensors header") from None
-    if 8 + n + end > len(data):
-        raise ValueError(f"{path} is truncated ({len(data)} bytes, the tensors need "
-                         f"{8 + n + end}): write it again with padnet.save")
-    return path, data, st_header, header
-
-
-def read_header(path: str | Path) -> dict[str, Any]:
-    """The padnet header of a file written by :func:`save` (format checked)."""
-    return _read(path)[3]
-
-
-def _verify(path: Path, data: bytes, st_header: dict[str, Any], header: dict[str, Any]) -> None:
-    """Raise ValueError unless every tensor's bytes have their recorded sha256."""
-    sums = header.get("tensors")
-    if not isinstance(sums, dict):
-        raise ValueError(f"{path}: the padnet header has no tensor checksums; write it again "
-                         "with padnet.save")
-    start = 8 + struct.unpack("<Q", data[:8])[0]
-    names = {k for k in st_header if k != "__metadata__"}
-    if names != set(sums):
-        odd = sorted(names ^ set(sums))
-        raise ValueError(f"{path}: the tensors do not match the padnet header ({_few(odd)}); "
-                         "the file is damaged: write it again with padnet.save")
-    view = memoryview(data)
-    bad = []
-    for k in sorted(names):
-        first, last = st_header[k]["data_offsets"]
-        rec, desc = sums[k], st_header[k]
-        if not isinstance(rec, dict) or hashlib.sha256(
-                view[start + first:start + last]).hexdigest() != rec.get("sha256") or \
-                list(desc.get("shape", [])) != rec.get("shape"):
-            bad.append(k)
-    if bad:
-        raise ValueError(f"{path}: checksum mismatch in {len(bad)} tensor(s) ({_few(bad)}): the "
-                         "file is corrupted; write it again with padnet.save")
-
-
-def _few(names: list[str]) -> str:
-    more = f", ... ({len(names) - _LIST} more)" if len(names) > _LIST else ""
-    return ", ".join(names[:_LIST]) + more
 
 
 # ---- load ------------------------------------------------------------------------------------
@@ -344,7 +145,7 @@ def _activation(module: nn.Module | None) -> Any:
 
 
 def _empty_layer(path: Path, entry: dict[str, Any], replaced: nn.Module | None) -> nn.Module:
-    cls = _DEPLOYED.get(entry.get("type"))
+    cls = DEPLOYED.get(entry.get("type"))
     if cls is None:
         raise ValueError(f"{path}: unknown deployed layer type {entry.get('type')!r} at "
                          f"{entry.get('name')!r}; upgrade padnet")
@@ -431,12 +232,12 @@ def _check_match(path: Path, model: nn.Module, tensors: dict[str, Tensor],
               "model" for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
     if not (missing or unexpected or shapes):
         return
-    parts = [f"{what}: {_few(names)}" for what, names in (
+    parts = [f"{what}: {few(names)}" for what, names in (
         ("missing in the file", missing), ("unexpected in the file", unexpected),
         ("shape mismatch", shapes)) if names]
     todo = "pass model= a fresh model of the architecture that was saved"
     if header.get("pad_layers"):
-        pad = _few([d["name"] for d in header["pad_layers"]])
+        pad = few([d["name"] for d in header["pad_layers"]])
         todo = (f"the file holds PAD layers in training form ({pad}): pass model= a model "
                 "converted the same way with padnet.dynamize, or save padnet.export(model) "
                 "instead")
@@ -461,8 +262,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
 
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
-    path, data, st_header, header = _read(path)
-    _verify(path, data, st_header, header)
+    path, data, st_header, header = read_file(path)
+    verify(path, data, st_header, header)
     arch = header.get("architecture") or {"kind": "custom", "class": "?"}
     layers = header.get("layers", [])
     self_contained = any(not d["name"] for d in layers)  # the model is one deployed layer
@@ -475,12 +276,12 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                              "Face model), which the file cannot rebuild: pass model= a fresh "
                              "instance of it")
         if header.get("pad_layers"):
-            pad = _few([d["name"] for d in header["pad_layers"]])
+            pad = few([d["name"] for d in header["pad_layers"]])
             raise ValueError(
                 f"{path} holds PAD layers in training form ({pad}), which padnet.load cannot "
                 "rebuild: pass model= a model converted the same way with padnet.dynamize, or "
                 "save padnet.export(model) instead")
-        model = _build_base(arch)
+        model = build_base(arch)
     model = _rebuild(path, header, model)
     if built and header.get("dtype"):
         model = model.to(getattr(torch, header["dtype"]))
@@ -493,7 +294,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     odd = sorted(k for k, t in tensors.items()
                  if str(t.dtype).removeprefix("torch.") != header["tensors"][k].get("dtype"))
     if odd:
-        raise ValueError(f"{path}: checksum mismatch in {len(odd)} tensor(s) ({_few(odd)}): "
+        raise ValueError(f"{path}: checksum mismatch in {len(odd)} tensor(s) ({few(odd)}): "
                          "their dtype is not the recorded one; the file is corrupted: write it "
                          "again with padnet.save")
     _check_match(path, model, tensors, header)
