@@ -9,7 +9,7 @@ and the static / fully dynamic / PAD comparison.
 from padnet.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from padnet.train.compare import CompareResult, compare
 from padnet.train.config import ImpConfig, TrainConfig, load_config
-from padnet.train.loop import Trainer, TrainResult, train
+from padnet.train.loop import Trainer, TrainResult
 from padnet.train.metrics import (
     accuracy,
     classification_metrics,
@@ -17,6 +17,7 @@ from padnet.train.metrics import (
     macro_f1,
     matthews_corrcoef,
 )
+from padnet.train.run import train
 from padnet.train.rundir import RunDir
 from padnet.train.state import LoopState
 from padnet.train.step import evaluate

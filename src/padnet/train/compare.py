@@ -121,7 +121,7 @@ def compare(cfg: TrainConfig, *, out_dir: str | Path | None = None, reps: int = 
 
 def _compare(cfg: TrainConfig, out: Path, reps: int, quiet: bool, variants: tuple[str, ...],
              main: bool) -> CompareResult:
-    from padnet.train.loop import train
+    from padnet.train.run import train
 
     runs, cfgs, splits = {}, {}, None
     for variant in variants:
