@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -147,9 +148,18 @@ def export_onnx(
     names = {"input_names": ["input"], "output_names": ["output"], "opset_version": opset_version}
     if dynamo:
         shapes = ({0: _batch_dim()},) if dynamic_batch else None
-        with torch.no_grad():
-            torch.onnx.export(graph_model, (x,), path, dynamo=True, dynamic_shapes=shapes,
-                              external_data=False, verbose=False, **names)
+        # the exporter logs that torchvision's operators are missing (padnet uses none of them)
+        # and warns about a deprecated pytree type of its own: neither concerns the user
+        quiet = logging.getLogger("torch.onnx")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.onnx.export(graph_model, (x,), path, dynamo=True, dynamic_shapes=shapes,
+                                  external_data=False, verbose=False, **names)
+        finally:
+            quiet.setLevel(level)
         return path
     if any(isinstance(m, DeployedConv2d) and m.path == "unfold" for m in graph_model.modules()):
         raise NotImplementedError(
