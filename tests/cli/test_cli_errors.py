@@ -8,13 +8,13 @@ import errno
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from padnet.cli.main import main
 from padnet.train import checkpoint as ckpt
+from tiny_data import write_tiny_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,10 +25,7 @@ TINY = ("dataset: npz\nmodel: resnet8\nwidth: 4\nbatch_size: 16\nval_fraction: 0
 @pytest.fixture
 def config(tmp_path):
     """A tiny config (4 steps per epoch, 2 epochs) writing to ``tmp_path/run``."""
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 96)
-    x = (rng.random((96, 8, 8)) * 80 + y[:, None, None] * 60).astype(np.uint8)
-    np.savez(tmp_path / "tiny.npz", x=x, y=y)
+    write_tiny_npz(tmp_path / "tiny.npz")
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY + f"data_root: {tmp_path / 'tiny.npz'}\nout_dir: {tmp_path / 'run'}\n")
     return path

@@ -9,6 +9,7 @@ import torch
 import padnet
 from padnet.cli.main import main
 from padnet.train.build import load_run
+from tiny_data import write_tiny_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,10 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def run_dir(tmp_path_factory):
     """A tiny PAD run: resnet8 (width 4), dyconv, kappa 0.5, channel IMP, annealed temperature."""
     tmp = tmp_path_factory.mktemp("export")
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 96)
-    x = (rng.random((96, 8, 8)) * 80 + y[:, None, None] * 60).astype(np.uint8)
-    np.savez(tmp / "tiny.npz", x=x, y=y)
+    write_tiny_npz(tmp / "tiny.npz")
     config = tmp / "tiny.yaml"
     config.write_text(
         f"dataset: npz\ndata_root: {tmp / 'tiny.npz'}\nmodel: resnet8\nwidth: 4\n"

@@ -6,11 +6,11 @@ from __future__ import annotations
 import csv
 import json
 
-import numpy as np
 import pytest
 from safetensors.torch import load_file
 
 from padnet.cli.main import main
+from tiny_data import write_tiny_npz
 
 TINY = ("dataset: npz\nmodel: resnet8\nwidth: 4\nbatch_size: 16\nval_fraction: 0.25\n"
         "test_fraction: 0.0\nepochs: 1\nlr: 0.05\nnum_kernels: 2\n"
@@ -23,10 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def config(tmp_path):
     """A tiny YAML config over 96 generated 8x8 images of 3 classes (with an own test split)."""
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 128)
-    x = (rng.random((128, 8, 8)) * 80 + y[:, None, None] * 60).astype(np.uint8)
-    np.savez(tmp_path / "tiny.npz", x=x[:96], y=y[:96], x_test=x[96:], y_test=y[96:])
+    write_tiny_npz(tmp_path / "tiny.npz", 128, test=32)
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY + f"data_root: {tmp_path / 'tiny.npz'}\nout_dir: {tmp_path / 'run'}\n"
                     "method: dyconv\ndynamic_ratio: 0.5\nimp_mode: interleaved\n"

@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from padnet.train.distributed import EpochSampler, init_distributed
+from tiny_data import write_tiny_npz
 
 
 def test_epoch_sampler_shards_reproduces_and_fast_forwards():
@@ -62,10 +63,7 @@ def _worker(rank: int, port: int, cfg_dict: dict, log_dir: str) -> None:
 
 
 def test_two_process_gloo_training(tmp_path):
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 96)
-    x = (rng.random((96, 8, 8)) * 80 + y[:, None, None] * 60).astype(np.uint8)
-    np.savez(tmp_path / "tiny.npz", x=x, y=y)
+    write_tiny_npz(tmp_path / "tiny.npz")
     cfg = {"dataset": "npz", "data_root": str(tmp_path / "tiny.npz"), "model": "resnet8",
            "width": 4, "batch_size": 8, "val_fraction": 0.25, "epochs": 2, "lr": 0.05,
            "method": "dyconv", "num_kernels": 2, "dynamic_ratio": 0.3,

@@ -20,13 +20,13 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from padnet.train import checkpoint as ckpt
 from padnet.train import load_config, train
 from padnet.utils.io import FAULT_ENV, load_safetensors
+from tiny_data import write_tiny_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,10 +58,7 @@ device: cpu
 def setup(tmp_path_factory):
     """``(config file, uninterrupted run directory)``: the reference run trained in-process."""
     directory = tmp_path_factory.mktemp("faults")
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 96)
-    x = (rng.random((96, 8, 8)) * 80 + y[:, None, None] * 60).astype(np.uint8)
-    np.savez(directory / "tiny.npz", x=x, y=y)
+    write_tiny_npz(directory / "tiny.npz")
     config = directory / "config.yaml"
     config.write_text(CONFIG + f"data_root: {directory / 'tiny.npz'}\n")
     threads = torch.get_num_threads()

@@ -6,13 +6,13 @@ import csv
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
 from padnet.train import load_config, train
 from padnet.train.build import lr_at
+from tiny_data import write_tiny_npz
 
 TINY = ["--model", "resnet8", "--width", "4", "--batch-size", "16", "--val-fraction", "0.25",
         "--lr", "0.05", "--temperature-anneal-epochs", "1", "--num-kernels", "2"]
@@ -21,19 +21,9 @@ TINY = ["--model", "resnet8", "--width", "4", "--batch-size", "16", "--val-fract
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def write_tiny_npz(directory):
-    """96 grey 8x8 images of 3 classes (class = brightness) as x, y arrays."""
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 96)
-    x = (rng.random((96, 8, 8)) * 80 + y[:, None, None] * 60).astype(np.uint8)
-    path = directory / "tiny.npz"
-    np.savez(path, x=x, y=y)
-    return path
-
-
 @pytest.fixture
 def tiny_npz(tmp_path):
-    return write_tiny_npz(tmp_path)
+    return write_tiny_npz(tmp_path / "tiny.npz")
 
 
 def tiny_config(npz, out, *extra):
@@ -66,7 +56,7 @@ def full_run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        npz = write_tiny_npz(directory)
+        npz = write_tiny_npz(directory / "tiny.npz")
         return train(tiny_config(npz, directory / "run", *RESUME_ARGS), quiet=True), \
             directory / "run"
     finally:

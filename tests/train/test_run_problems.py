@@ -8,7 +8,6 @@ import os
 import shutil
 import types
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,6 +16,7 @@ from padnet.train import checkpoint as ckpt
 from padnet.train import load_config, train
 from padnet.train.errors import ConfigMismatch, TrainingDiverged
 from padnet.train.state import StepStats
+from tiny_data import write_tiny_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,10 +27,7 @@ TINY = ["--dataset", "npz", "--model", "resnet8", "--width", "4", "--batch-size"
 @pytest.fixture
 def npz(tmp_path):
     """96 grey 8x8 images of 3 classes: 72 training examples, 4 steps per epoch."""
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 96)
-    x = (rng.random((96, 8, 8)) * 80 + y[:, None, None] * 60).astype(np.uint8)
-    np.savez(tmp_path / "tiny.npz", x=x, y=y)
+    write_tiny_npz(tmp_path / "tiny.npz")
     return tmp_path / "tiny.npz"
 
 

@@ -23,6 +23,7 @@ from padnet.models import pretrained
 from padnet.train import checkpoint as ckpt
 from padnet.train import load_config, train
 from padnet.utils.io import CorruptFileError, load_safetensors
+from tiny_data import write_tiny_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,10 +83,7 @@ TINY = ["--dataset", "npz", "--model", "resnet8", "--width", "4", "--batch-size"
 @pytest.fixture
 def run(tmp_path):
     """A finished one-epoch run in ``tmp_path/run`` (4 steps, a checkpoint at step 2)."""
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 96)
-    x = (rng.random((96, 8, 8)) * 80 + y[:, None, None] * 60).astype(np.uint8)
-    np.savez(tmp_path / "tiny.npz", x=x, y=y)
+    write_tiny_npz(tmp_path / "tiny.npz")
     cfg = load_config(None, [*TINY, "--data-root", str(tmp_path / "tiny.npz"), "--out-dir",
                              str(tmp_path / "run"), "--stop-after", "2"])
     train(cfg, quiet=True)
