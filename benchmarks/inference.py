@@ -52,7 +52,6 @@ import copy
 import csv
 import datetime
 import io
-import os
 import platform
 import signal
 import statistics
@@ -67,6 +66,7 @@ from torch import Tensor, nn
 
 import padnet
 from padnet.bench import device_description
+from padnet.bench.load import OtherLoad
 from padnet.convert.methods import replace_module
 from padnet.deploy import DeployedConv2d
 from padnet.layers import DynamicConv2d, MoE
@@ -191,34 +191,6 @@ def replace_convs(static: nn.Module, build: Callable[[str], nn.Module]) -> nn.Mo
 
 
 # ---- timing ----------------------------------------------------------------------------------
-
-
-def busy_seconds() -> float:
-    """CPU seconds all processes of the machine have been busy (from /proc/stat; 0 if absent)."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class OtherLoad:
-    """Share of the machine's CPU time used by other processes while a block runs (0..1)."""
-
-    def __init__(self) -> None:
-        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-            else os.cpu_count() or 1
-        self.share = 0.0
-
-    def __enter__(self) -> OtherLoad:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), busy_seconds(), time.process_time()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        wall = time.perf_counter() - self.t0
-        other = (busy_seconds() - self.busy0) - (time.process_time() - self.own0)
-        self.share = max(0.0, other) / max(wall * self.cores, 1e-9)
 
 
 def interleave(runs: dict[str, Callable[[], object]], reps: int, reference: str,

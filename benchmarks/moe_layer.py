@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from padnet.bench.load import OtherLoad
 from padnet.layers.moe import MoE
 
 SHAPES = {"MiniLM": (384, 1536), "BERT-base": (768, 3072)}
@@ -155,32 +156,6 @@ def measure(runs: dict[str, Callable[[], None]], reps: int) -> tuple[dict, dict]
     ratios = {name: statistics.median(t / d for t, d in zip(ts, dense, strict=True))
               for name, ts in times.items()}
     return seconds, ratios
-
-
-def busy_seconds() -> float:
-    """CPU seconds all processes of the machine have been busy (from /proc/stat; 0 if absent)."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class OtherLoad:
-    """Share of the machine's CPU time used by other processes while a block runs (0..1)."""
-
-    def __init__(self, cores: int) -> None:
-        self.cores = cores
-
-    def __enter__(self) -> OtherLoad:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), busy_seconds(), time.process_time()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        wall = time.perf_counter() - self.t0
-        other = (busy_seconds() - self.busy0) - (time.process_time() - self.own0)
-        self.share = max(0.0, other) / max(wall * self.cores, 1e-9)
 
 
 def cpu_model() -> str:
