@@ -82,3 +82,14 @@ def test_atomic_writes_leave_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_convert_refuses_to_overwrite_earlier_output_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["convert", "--model", "resnet8", "--num-classes", "3", "--out", str(out)]
+    assert main(argv) == 0
+    before = (out / "model.safetensors").read_bytes()
+    assert main([*argv, "--method", "condconv"]) == 2
+    assert "already holds model.safetensors" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
+    assert main([*argv, "--method", "condconv", "--overwrite"]) == 0

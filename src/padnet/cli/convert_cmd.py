@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a model to a (partially) dynamic one and check it",
                        description=__doc__, allow_abbrev=False,
                        usage="%(prog)s [-c CONFIG] [--check] [--data-dir DIR] [--num-classes N] "
-                             "[--out OUT] [--KEY VALUE ...]")
+                             "[--out OUT [--overwrite]] [--KEY VALUE ...]")
     p.add_argument("-c", "--config", type=Path, default=None,
                    help="YAML config of the model (default: the base values below)")
     p.add_argument("--check", action="store_true", help="compare outputs before and after")
@@ -43,6 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="default: 1000 if pretrained, "
                    "else 10")
     p.add_argument("--out", type=Path, default=None, help="directory for weights and summary")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier --out")
     add_config_arguments(p, CONVERT_KEYS, defaults=CONVERT_DEFAULTS,
                          title="config keys of the model and the check")
     add_config_arguments(p, _other_keys(), title="the other config keys (as in padnet train, "
@@ -99,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
     from padnet.utils.io import save_json, save_safetensors
 
     cfg = _config(args)
+    if args.out is not None and not args.overwrite:
+        taken = [n for n in ("model.safetensors", "summary.json") if (args.out / n).exists()]
+        if taken:
+            raise ValueError(f"{args.out} already holds {' and '.join(taken)}; pass --overwrite "
+                             "to replace them, or choose another --out")
     torch.manual_seed(cfg.seed)
     num_classes = args.num_classes or (1000 if cfg.pretrained else 10)
     in_chans = cfg.in_chans or 3
