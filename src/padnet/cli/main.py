@@ -22,6 +22,7 @@ from padnet.cli import (
     export_cmd,
     list_cmd,
     partition_cmd,
+    sweep_cmd,
     train_cmd,
 )
 from padnet.cli.options import (
@@ -34,7 +35,7 @@ from padnet.cli.options import (
 )
 
 COMMANDS = (list_cmd, convert_cmd, train_cmd, eval_cmd, export_cmd, partition_cmd, bench_cmd,
-            compare_cmd)
+            compare_cmd, sweep_cmd)
 #: errors the user fixes (status 2): bad values, missing or damaged files, missing packages
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ImportError)
 
