@@ -31,7 +31,8 @@ from padnet.train import checkpoint as ckpt
 from padnet.train.config import TrainConfig, load_config
 from padnet.utils.io import atomic_write
 
-__all__ = ["RESULT_COLUMNS", "SweepRun", "load_suite", "run_suite"]
+__all__ = ["RESULT_COLUMNS", "SweepRun", "load_suite", "read_results", "run_suite",
+           "summary_table"]
 
 RESULT_COLUMNS = ("run", "variant", "seed", "method", "dynamic_ratio", "val_acc", "test_acc",
                   "test_f1", "stored_params", "train_time_s")
@@ -154,3 +155,38 @@ def run_suite(
     if not dry_run:
         log(f"{len(rows)} of {len(runs)} runs finished; wrote {out / 'results.csv'}")
     return rows
+
+
+def read_results(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a suite's ``results.csv``."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.4f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table, one line per variant (in order of appearance): runs, dynamic ratio,
+    stored parameters, validation and test accuracy as mean ± sample std over the seeds."""
+    variants: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        variants.setdefault(str(row["variant"]), []).append(row)
+    lines = ["| variant | runs | dynamic ratio | stored params | val acc | test acc |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, group in variants.items():
+        def floats(key: str, group: list = group) -> list[float]:
+            return [float(r[key]) for r in group if r.get(key) not in (None, "")]
+
+        ratio, params = floats("dynamic_ratio"), floats("stored_params")
+        lines.append(f"| {name} | {len(group)} | {ratio[0]:.3f} | {int(params[0]):,} | "
+                     f"{_mean_std(floats('val_acc'))} | {_mean_std(floats('test_acc'))} |"
+                     if ratio and params else f"| {name} | {len(group)} | | | | |")
+    return "\n".join(lines)
