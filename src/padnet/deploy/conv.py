@@ -38,6 +38,7 @@ from padnet.ops.conv import (
     conv2d_mixture,
     conv2d_per_sample,
     conv2d_unfold,
+    output_area,
     pad_input,
 )
 from padnet.utils.checks import check_choice
@@ -193,18 +194,20 @@ class DeployedConv2d(nn.Module):
         kernel_routing = routing.kernel if isinstance(routing, ODAttention) else routing
         xp, conv_pad = pad_input(x, self.pad4, self.padding_mode)
         geometry = (self.stride, conv_pad, self.dilation)
+        area = output_area(*x.shape[-2:], self.pad4, self.kernel_size, self.stride,
+                           self.dilation)
         if self.mode == "static":
             y = F.conv2d(xp, self.static_kernel, None, *geometry, self.groups)
         elif self.mode == "channel":
-            y = self._channel_forward(xp, routing, geometry)
+            y = self._channel_forward(xp, routing, geometry, area)
         else:
             y = self._dynamic(xp, routing, self.kernels, self.static_kernel, None, geometry,
-                              self.groups)
+                              self.groups, area)
         if self.bias is not None:
             y = y + (kernel_routing.to(self.bias.dtype) @ self.bias)[:, :, None, None]
         return y
 
-    def _channel_forward(self, xp: Tensor, routing: Any, geometry: tuple) -> Tensor:
+    def _channel_forward(self, xp: Tensor, routing: Any, geometry: tuple, area: int) -> Tensor:
         """Static channels: one ordinary convolution; dynamic channels: per sample; the outputs
         put back in channel order. At batch 1 (path ``auto``) the sample's whole kernel is
         assembled instead and runs as one plain convolution."""
@@ -219,7 +222,7 @@ class DeployedConv2d(nn.Module):
         gs = self.static_index.numel() if depthwise else 1
         gd = n_dyn if depthwise else 1
         y_s = F.conv2d(xs, self.static_kernel, None, *geometry, gs)
-        y_d = self._dynamic(xd, routing, self.kernels, None, self.dyn_rows, geometry, gd)
+        y_d = self._dynamic(xd, routing, self.kernels, None, self.dyn_rows, geometry, gd, area)
         return torch.cat([y_s, y_d[:, :n_dyn]], 1).index_select(1, self.perm)
 
     def _sample_kernels(self, routing: Any, kernels: Tensor, rows: Tensor | None) -> Tensor:
@@ -234,12 +237,13 @@ class DeployedConv2d(nn.Module):
         return weight
 
     def _dynamic(self, xp: Tensor, routing: Any, kernels: Tensor, static: Tensor | None,
-                 rows: Tensor | None, geometry: tuple, groups: int) -> Tensor:
+                 rows: Tensor | None, geometry: tuple, groups: int, area: int) -> Tensor:
         """The per-sample part: ``sum_k pi_k kernels[k] (+ static)`` (ODConv: times the
-        attentions of the output channels ``rows``) convolved with each sample."""
+        attentions of the output channels ``rows``) convolved with each sample; ``area`` is
+        the number of output positions per channel."""
         b = xp.shape[0]
         odconv = isinstance(routing, ODAttention)
-        path = self._resolve_path(b, xp, odconv)
+        path = self._resolve_path(b, area, odconv)
         if path == "mixture":
             mix, r = kernels, routing
             if static is not None:  # the static kernel as one more with routing weight 1
@@ -254,18 +258,14 @@ class DeployedConv2d(nn.Module):
         run = conv2d_unfold if path == "unfold" else conv2d_per_sample
         return run(xp, weight, None, *geometry, groups)
 
-    def _resolve_path(self, batch: int, xp: Tensor, odconv: bool) -> str:
+    def _resolve_path(self, batch: int, area: int, odconv: bool) -> str:
         if self._path != "auto":
             return self._path
         if batch == 1:
             return "single"
         if odconv:
             return "grouped"
-        kh, kw = self.kernel_size
-        h = (xp.shape[-2] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        w = (xp.shape[-1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        return choose_path(batch, max(h * w, 1), self.kernel_size, self.groups,
-                           self.in_channels)
+        return choose_path(batch, area, self.kernel_size, self.groups, self.in_channels)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

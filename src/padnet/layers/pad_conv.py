@@ -31,6 +31,7 @@ from padnet.ops.conv import (
     choose_path,
     conv2d_per_sample,
     conv2d_unfold,
+    output_area,
     pad_input,
     resolve_padding,
 )
@@ -194,13 +195,8 @@ class PadConv2d(PadLayer):
 
     def output_area(self, height: int, width: int) -> int:
         """Number of output positions ``H' * W'`` for an input of ``height x width``."""
-        left, right, top, bottom = self._pad4
-        size = [
-            (n + p - d * (k - 1) - 1) // s + 1
-            for n, p, d, k, s in zip((height, width), (top + bottom, left + right),
-                                     self.dilation, self.kernel_size, self.stride, strict=True)
-        ]
-        return max(size[0], 0) * max(size[1], 0)
+        return output_area(height, width, self._pad4, self.kernel_size, self.stride,
+                           self.dilation)
 
     def resolve_path(self, batch: int, out_area: int = 1) -> str:
         """The execution path a batch of ``batch`` samples with ``out_area`` outputs runs on."""

@@ -26,6 +26,7 @@ __all__ = [
     "conv2d_mixture",
     "conv2d_per_sample",
     "conv2d_unfold",
+    "output_area",
     "pad_input",
     "resolve_padding",
 ]
@@ -54,6 +55,17 @@ def resolve_padding(
     if ph < 0 or pw < 0:
         raise ValueError(f"padding must be non-negative, got {padding!r}")
     return (pw, pw, ph, ph)
+
+
+def output_area(height: int, width: int, pad4: tuple[int, int, int, int], kernel_size: Pair,
+                stride: Pair, dilation: Pair) -> int:
+    """Number of output positions ``H' * W'`` of a convolution of an unpadded ``height x width``
+    input with explicit padding ``pad4 = (left, right, top, bottom)``."""
+    left, right, top, bottom = pad4
+    size = [(n + p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip((height, width), (top + bottom, left + right), dilation,
+                                     kernel_size, stride, strict=True)]
+    return max(size[0], 0) * max(size[1], 0)
 
 
 def pad_input(x: Tensor, pad4: tuple[int, int, int, int], padding_mode: str) -> tuple[Tensor, Pair]:
