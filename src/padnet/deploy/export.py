@@ -17,6 +17,7 @@ from padnet.convert.methods import replace_module
 from padnet.deploy.conv import DEPLOY_PATHS, DeployedConv2d
 from padnet.deploy.moe import DeployedMoE
 from padnet.layers.moe import MoE
+from padnet.layers.odconv import ODConv2d
 from padnet.layers.pad_conv import PadConv2d
 from padnet.layers.protocol import PadLayer, find_pad_layers
 from padnet.utils.checks import check_choice
@@ -76,8 +77,8 @@ def export(model: nn.Module, *, path: str = "auto", inplace: bool = False) -> nn
     out = model if inplace else copy.deepcopy(model)
     replaced: dict[int, nn.Module] = {}
     for name, layer in find_pad_layers(out):
-        layer_path = "unfold" if path == "mixture" and type(layer).__name__ == "ODConv2d" \
-            else path
+        # ODConv's per-sample spatial attention has no mixture form; unfold is batch-size free
+        layer_path = "unfold" if path == "mixture" and isinstance(layer, ODConv2d) else path
         new = _deployer(layer)(layer.eval(), path=layer_path)
         replaced[id(layer)] = new
         if not name:

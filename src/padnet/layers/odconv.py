@@ -41,7 +41,8 @@ def attention_tensor(
 
 class ODConv2d(PadConv2d):
     """Partially dynamic ODConv. Arguments as :class:`~padnet.layers.DynamicConv2d`; the router
-    has one hidden layer of width ``max(in_channels // reduction, min_hidden)`` and four heads.
+    has one hidden layer of width ``max(in_channels // reduction, min_hidden)`` and up to four
+    heads (no spatial head for 1x1 kernels, no filter head for depthwise layers).
 
     Execution paths: ``grouped`` and ``unfold`` (the spatial attention differs per sample, so the
     shared-kernel ``mixture`` path does not apply).
