@@ -169,3 +169,13 @@ def test_export_errors() -> None:
         padnet.export(conv_layer("dyconv", 1, "both"), path="fast")
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         padnet.export("resnet8")
+
+
+def test_an_empty_deployed_layer_says_it_needs_weights() -> None:
+    layer = conv_layer("dyconv", 1, "both")
+    set_mask(layer, "element")
+    with pytest.raises(RuntimeError, match="holds no weights yet: load a state dict"):
+        DeployedConv2d(padnet.export(layer).spec)(torch.randn(1, 8, 6, 6))
+    moe = padnet.export(MoE(6, 10, num_experts=4, top_k=2, activation="relu"))
+    with pytest.raises(RuntimeError, match="holds no weights yet: load a state dict"):
+        DeployedMoE(moe.spec)(torch.randn(3, 6))

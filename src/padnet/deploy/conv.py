@@ -80,7 +80,8 @@ class DeployedConv2d(nn.Module):
     """Inference form of a :class:`~padnet.layers.PadConv2d` (module docstring).
 
     Build it with :meth:`from_layer`; ``DeployedConv2d(spec)`` makes an empty one of the recorded
-    geometry for loading a saved state dict (``spec`` as in :attr:`spec`).
+    geometry for loading a saved state dict (``spec`` as in :attr:`spec`); its run-time kernels
+    are derived once, when the state dict is loaded.
     """
 
     def __init__(self, spec: dict[str, Any]) -> None:
@@ -101,8 +102,8 @@ class DeployedConv2d(nn.Module):
         self.register_buffer("dynamic_values", torch.zeros(k, nd))
         self.register_buffer("static_values", torch.zeros(n - nd))
         self.register_buffer("bias", torch.zeros(k, self.out_channels) if s["bias"] else None)
+        self.mode: str | None = None  # set by rebuild(), from the stored form once it is filled
         self.register_load_state_dict_post_hook(lambda module, _: module.rebuild())
-        self.rebuild()
 
     @property
     def path(self) -> str:
@@ -187,6 +188,9 @@ class DeployedConv2d(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """``x (B, C_in, H, W)`` -> ``(B, C_out, H', W')``."""
+        if self.mode is None:
+            raise RuntimeError("this DeployedConv2d holds no weights yet: load a state dict "
+                               "into it (padnet.load does) or make it with from_layer")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"DeployedConv2d expects input of shape (B, {self.in_channels}, "
                              f"H, W), got {tuple(x.shape)}")

@@ -30,8 +30,9 @@ _MATRICES = ("w1", "w2")
 class DeployedMoE(nn.Module):
     """Inference form of :class:`~padnet.layers.MoE`; build it with :meth:`from_layer`.
 
-    ``DeployedMoE(spec, activation=None)`` makes an empty one for loading a state dict; the
-    activation comes from ``spec['activation']`` (a name of ``ACTIVATIONS``) unless given.
+    ``DeployedMoE(spec, activation=None)`` makes an empty one for loading a state dict (the
+    effective expert weights are derived once, when it is loaded); the activation comes from
+    ``spec['activation']`` (a name of ``ACTIVATIONS``) unless given.
     ``forward(x (..., hidden), padding_mask=None) -> (..., hidden)``; ``aux_loss`` stays None.
     """
 
@@ -59,8 +60,9 @@ class DeployedMoE(nn.Module):
         self.register_buffer("b2", torch.zeros(e, h) if s["bias"] else None)
         self.padding_mask_hint: Tensor | None = None
         self.aux_loss = None
+        for m in _MATRICES:  # derived by rebuild() once the stored form is filled
+            self.register_buffer(f"{m}_effective", None, persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _: module.rebuild())
-        self.rebuild()
 
     @classmethod
     @torch.no_grad()
@@ -99,6 +101,9 @@ class DeployedMoE(nn.Module):
                                  persistent=False)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        if self.w1_effective is None:
+            raise RuntimeError("this DeployedMoE holds no weights yet: load a state dict "
+                               "into it (padnet.load does) or make it with from_layer")
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"expected x of shape (..., {self.hidden_size}), got "
                              f"{tuple(x.shape)}")
