@@ -63,12 +63,6 @@ __all__ = ["FORMAT", "VERSION", "load", "read_header", "save", "stored_bytes"]
 _ACT_ATTRS = ("intermediate_act_fn", "act", "act_fn", "activation", "activation_fn")
 
 
-def _tensor_bytes(t: Tensor) -> memoryview:
-    """The bytes safetensors writes for ``t`` (row-major; on a little-endian machine)."""
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy() if flat.numel() else b"")
-
-
 def _unshared(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """CPU contiguous tensors, copies where one shares storage with an earlier one (safetensors
     refuses shared tensors)."""
@@ -96,11 +90,12 @@ def save(model: nn.Module, path: str | Path) -> int:
     and Hugging Face models by itself and any other model on ``model=``.
     """
     from padnet import __version__
-    from padnet.utils.io import save_safetensors
+    from padnet.utils.io import save_safetensors, tensor_sha256
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     state = _unshared(model.state_dict())
+    digests = {k: tensor_sha256(v) for k, v in state.items()}  # one pass, for both records
     arch = describe_architecture(model)
     layers = deployed_layers(model)
     header = {
@@ -115,9 +110,8 @@ def save(model: nn.Module, path: str | Path) -> int:
         "pad_layers": pad_layers(model),
         "dtype": _float_dtype(state),
         "stored_bytes": stored_bytes(model),
-        "tensors": {k: {"sha256": hashlib.sha256(_tensor_bytes(v)).hexdigest(),
-                        "dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-                    for k, v in state.items()},
+        "tensors": {k: {"sha256": digests[k], "dtype": str(v.dtype).removeprefix("torch."),
+                        "shape": list(v.shape)} for k, v in state.items()},
     }
     try:
         text = json.dumps(header)
@@ -125,7 +119,7 @@ def save(model: nn.Module, path: str | Path) -> int:
         raise ValueError(f"cannot save {type(model).__name__} to {path}: its description is "
                          f"not JSON ({err})") from err
     meta = {"format": "pt", KEY: text, DIGEST: hashlib.sha256(text.encode()).hexdigest()}
-    written = save_safetensors(path, state, meta)
+    written = save_safetensors(path, state, meta, digests=digests)
     return written.stat().st_size
 
 

@@ -127,14 +127,18 @@ def _uint8() -> Any:
     return torch.uint8
 
 
-def save_safetensors(path: str | Path, state_dict: dict, metadata: dict | None = None) -> Path:
+def save_safetensors(path: str | Path, state_dict: dict, metadata: dict | None = None, *,
+                     digests: dict[str, str] | None = None) -> Path:
     """Write a state dict as safetensors, atomically (tensors made contiguous, on CPU), with the
-    sha256 of every tensor in the metadata (:data:`TENSOR_DIGESTS`)."""
+    sha256 of every tensor in the metadata (:data:`TENSOR_DIGESTS`); ``digests`` gives them
+    when the caller computed them already (:func:`tensor_sha256` of each tensor)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    meta[TENSOR_DIGESTS] = json.dumps({k: tensor_sha256(v) for k, v in tensors.items()})
+    if digests is None:
+        digests = {k: tensor_sha256(v) for k, v in tensors.items()}
+    meta[TENSOR_DIGESTS] = json.dumps(digests)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
