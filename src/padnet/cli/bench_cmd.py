@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from padnet.cli.options import add_config_arguments, config_overrides
+from padnet.cli.options import add_config_arguments, batch_sizes, config_overrides
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -87,15 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    try:
-        sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise ValueError(f"--batch-sizes must be comma-separated ints, got "
-                         f"{args.batch_sizes!r}") from None
-    if not sizes:
-        raise ValueError("--batch-sizes must name at least one batch size")
-    for size in sizes:
-        check_int(size, "--batch-sizes", 1)
+    sizes = batch_sizes(args.batch_sizes)
     check_int(args.reps, "--reps", 1)
     cfg, models, info = _models(args)
     rows = []

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from padnet.cli.options import add_config_arguments, config_overrides
+from padnet.cli.options import add_config_arguments, batch_sizes, config_overrides
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,18 +32,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per model")
     add_config_arguments(p, title="config keys (override the run's config.yaml)")
     p.set_defaults(run=run)
-
-
-def _batch_sizes(text: str) -> list[int]:
-    from padnet.utils.checks import check_int
-
-    try:
-        sizes = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise ValueError(f"--batch-sizes must be comma-separated ints, got {text!r}") from None
-    if not sizes:
-        raise ValueError("--batch-sizes must name at least one batch size")
-    return [check_int(s, "--batch-sizes", 1) for s in sizes]
 
 
 def _check_same(trained, deployed, x) -> float:  # noqa: ANN001
@@ -69,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from padnet.train.build import build_model, load_run
     from padnet.utils.checks import check_int
 
-    sizes = _batch_sizes(args.batch_sizes)
+    sizes = batch_sizes(args.batch_sizes)
     check_int(args.reps, "--reps", 1)
     loaded = load_run(args.run_dir, overrides=config_overrides(args), checkpoint=args.checkpoint,
                       with_data=False)

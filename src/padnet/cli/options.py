@@ -14,7 +14,7 @@ import errno
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
-__all__ = ["CommandError", "CommandParser", "UsageError", "add_config_arguments",
+__all__ = ["CommandError", "CommandParser", "UsageError", "add_config_arguments", "batch_sizes",
            "config_overrides", "normalize_flags", "os_error_message", "reject_unknown"]
 
 
@@ -142,6 +142,19 @@ def normalize_flags(argv: Sequence[str]) -> list[str]:
             token = name.replace("_", "-") + eq + value
         out.append(token)
     return out
+
+
+def batch_sizes(text: str, flag: str = "--batch-sizes") -> list[int]:
+    """``'1,32'`` -> ``[1, 32]``: comma-separated batch sizes, each an int >= 1."""
+    from padnet.utils.checks import check_int
+
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated ints, got {text!r}") from None
+    if not sizes:
+        raise ValueError(f"{flag} must name at least one batch size")
+    return [check_int(s, flag, 1) for s in sizes]
 
 
 def os_error_message(err: OSError) -> str:
