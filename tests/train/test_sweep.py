@@ -70,10 +70,3 @@ def test_bad_suites_are_clear_errors(tmp_path, text, message) -> None:
         load_suite(path)
 
 
-def test_summary_table_gives_mean_and_sample_std_per_variant() -> None:
-    from padnet.train.sweep import summary_table
-
-    rows = [{"variant": "pad", "dynamic_ratio": "0.3", "stored_params": "1000",
-             "val_acc": v, "test_acc": t} for v, t in (("0.5", "0.6"), ("0.7", "0.8"))]
-    table = summary_table(rows).splitlines()
-    assert table[2] == "| pad | 2 | 0.300 | 1,000 | 0.6000 ± 0.1414 | 0.7000 ± 0.1414 |"

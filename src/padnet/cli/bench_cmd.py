@@ -62,26 +62,12 @@ def _models(args: argparse.Namespace) -> tuple:
     return cfg, models, info
 
 
-def _inputs(cfg, model, info: dict, batch: int):  # noqa: ANN001, ANN202
-    import torch
-
-    from padnet.train.build import is_text_model
-
-    gen = torch.Generator().manual_seed(0)
-    if is_text_model(cfg):
-        vocab = model.config.vocab_size
-        ids = torch.randint(1000, min(vocab, 2000), (batch, cfg.max_length), generator=gen)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    shape = info.get("input_shape") or [None, None, None]
-    size = cfg.image_size or shape[-1] or 32
-    return torch.randn(batch, info.get("in_chans") or 3, size, size, generator=gen)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     import padnet
     from padnet.bench import measure_latency
+    from padnet.train.build import random_inputs
     from padnet.utils.checks import check_int
     from padnet.utils.io import atomic_write
 
@@ -92,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, models, info = _models(args)
     rows = []
     for batch in sizes:
-        x = _inputs(cfg, models["static"], info, batch)
+        x = random_inputs(cfg, models["static"], info, batch)
         ms = measure_latency(models, x, reps=args.reps)
         for name, model in models.items():
             rows.append((batch, name, padnet.stats(model).stored_params, ms[name],

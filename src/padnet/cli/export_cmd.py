@@ -53,8 +53,7 @@ def _check_same(trained, deployed, x) -> float:  # noqa: ANN001
 def run(args: argparse.Namespace) -> int:
     import padnet
     from padnet.bench import measure_latency
-    from padnet.cli.bench_cmd import _inputs
-    from padnet.train.build import build_model, load_run
+    from padnet.train.build import build_model, load_run, random_inputs
     from padnet.utils.checks import check_int
 
     sizes = batch_sizes(args.batch_sizes)
@@ -66,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.run_dir} trained a static model (method 'none'): there is "
                          "nothing to export")
     deployed = padnet.export(trained)
-    rel = _check_same(trained, deployed, _inputs(cfg, trained, info, 4))
+    rel = _check_same(trained, deployed, random_inputs(cfg, trained, info, 4))
     out = args.out if args.out is not None else args.run_dir / "deployed.safetensors"
     written = padnet.save(deployed, out)
     before = loaded.weights.stat().st_size
@@ -76,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.onnx is not None:
         from padnet.deploy.graph import export_onnx
 
-        export_onnx(trained, _inputs(cfg, trained, info, 2), args.onnx)
+        export_onnx(trained, random_inputs(cfg, trained, info, 2), args.onnx)
         print(f"{args.onnx}: ONNX graph with a dynamic batch size")
     static = build_model(cfg.replace(method="none", imp_mode="none"),
                          num_classes=info["num_classes"], in_chans=info.get("in_chans"),
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nlatency, median of {args.reps} interleaved repetitions (ratio to static):")
     print(head + "\n" + "-" * len(head))
     for batch in sizes:
-        ms = measure_latency(models, _inputs(cfg, static, info, batch), reps=args.reps)
+        ms = measure_latency(models, random_inputs(cfg, static, info, batch), reps=args.reps)
         print(f"{batch:>5}  {ms['static']:>9.3f}  {ms['trained'] / ms['static']:>8.2f}x  "
               f"{ms['deployed'] / ms['static']:>8.2f}x")
     return 0

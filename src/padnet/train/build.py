@@ -33,6 +33,7 @@ __all__ = [
     "load_run",
     "lr_at",
     "model_logits",
+    "random_inputs",
     "run_weights",
 ]
 
@@ -256,6 +257,19 @@ def model_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
 
 
 # ---- saved runs ------------------------------------------------------------------------------
+def random_inputs(cfg: TrainConfig, model: nn.Module, info: dict[str, Any], batch: int) -> Any:
+    """A fixed batch of random inputs for ``model`` (timing, export checks): token ids and an
+    all-ones attention mask for text models, else images of the run's input size (``info``)."""
+    gen = torch.Generator().manual_seed(0)
+    if is_text_model(cfg):
+        vocab = model.config.vocab_size
+        ids = torch.randint(1000, min(vocab, 2000), (batch, cfg.max_length), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    shape = info.get("input_shape") or [None, None, None]
+    size = cfg.image_size or shape[-1] or 32
+    return torch.randn(batch, info.get("in_chans") or 3, size, size, generator=gen)
+
+
 def run_weights(run_dir: str | Path, *, checkpoint: bool = False) -> Path:
     """``run_dir/model.safetensors`` (final weights), or the latest checkpoint's weights when
     ``checkpoint`` is set or the run has not finished."""

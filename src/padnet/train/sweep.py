@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,10 @@ from typing import Any
 
 from padnet.train import checkpoint as ckpt
 from padnet.train.config import TrainConfig, load_config
-from padnet.utils.io import atomic_write
+from padnet.utils.io import save_csv
 
 __all__ = ["RESULT_COLUMNS", "SweepRun", "load_suite", "read_results", "run_suite",
-           "summary_table"]
+           "suite_name"]
 
 RESULT_COLUMNS = ("run", "variant", "seed", "method", "dynamic_ratio", "val_acc", "test_acc",
                   "test_f1", "stored_params", "train_time_s")
@@ -84,6 +83,11 @@ def _read_suite(path: Path) -> dict[str, Any]:
     return suite
 
 
+def suite_name(path: str | Path) -> str:
+    """The suite's ``name`` (default: the file's stem)."""
+    return _read_suite(Path(path)).get("name") or Path(path).stem
+
+
 def load_suite(path: str | Path, overrides: dict[str, Any] | None = None) -> list[SweepRun]:
     """The runs of the suite file ``path`` (variants in file order, then seeds); ``overrides``
     (config keys) apply to every run, after the suite's own keys."""
@@ -119,13 +123,8 @@ def _row(run: SweepRun) -> dict[str, Any]:
 
 def _write_results(runs: list[SweepRun], out: Path) -> list[dict[str, Any]]:
     rows = [_row(r) for r in runs if r.status() == "done"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
     out.mkdir(parents=True, exist_ok=True)
-    text = buf.getvalue()
-    atomic_write(out / "results.csv", lambda tmp: Path(tmp).write_text(text))
+    save_csv(out / "results.csv", rows, RESULT_COLUMNS)
     return rows
 
 
@@ -161,32 +160,3 @@ def read_results(path: str | Path) -> list[dict[str, str]]:
     """The rows of a suite's ``results.csv``."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return f"{mean:.4f}"
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean:.4f} ± {std:.4f}"
-
-
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table, one line per variant (in order of appearance): runs, dynamic ratio,
-    stored parameters, validation and test accuracy as mean ± sample std over the seeds."""
-    variants: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        variants.setdefault(str(row["variant"]), []).append(row)
-    lines = ["| variant | runs | dynamic ratio | stored params | val acc | test acc |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for name, group in variants.items():
-        def floats(key: str, group: list = group) -> list[float]:
-            return [float(r[key]) for r in group if r.get(key) not in (None, "")]
-
-        ratio, params = floats("dynamic_ratio"), floats("stored_params")
-        lines.append(f"| {name} | {len(group)} | {ratio[0]:.3f} | {int(params[0]):,} | "
-                     f"{_mean_std(floats('val_acc'))} | {_mean_std(floats('test_acc'))} |"
-                     if ratio and params else f"| {name} | {len(group)} | | | | |")
-    return "\n".join(lines)

@@ -15,19 +15,21 @@ the environment, the N-th pass through the point ``NAME`` kills the process with
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import re
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = ["FAULT_ENV", "TENSOR_DIGESTS", "CorruptFileError", "atomic_write", "fault_point",
            "load_safetensors", "read_safetensors_metadata", "remove_stale_temporaries",
-           "save_json", "save_safetensors", "tensor_sha256"]
+           "save_csv", "save_json", "save_safetensors", "tensor_sha256"]
 
 #: safetensors metadata key: JSON ``{tensor name: sha256 of its bytes}``
 TENSOR_DIGESTS = "padnet_tensor_sha256"
@@ -113,6 +115,19 @@ def save_json(path: str | Path, data: object) -> Path:
             f.write("\n")
 
     return atomic_write(path, write)
+
+
+def save_csv(path: str | Path, rows: Iterable[dict], columns: Sequence[str]) -> Path:
+    """Write ``rows`` (mappings; missing or ``None`` values become empty cells) as CSV with the
+    header ``columns``, atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n",
+                            extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+    text = buf.getvalue()
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def tensor_sha256(tensor: Any) -> str:

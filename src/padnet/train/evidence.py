@@ -1,0 +1,330 @@
+"""What an experiment suite shows: latency of the exported models, significance tests across
+seeds, plots, and the marked tables of ``docs/RESULTS.md``.
+
+A suite (:mod:`padnet.train.sweep`) writes ``OUT/results.csv``. Three steps follow it:
+
+- :func:`measure_suite_latency` times the exported model (:func:`padnet.export`) of one finished
+  run per variant beside the static model of the same architecture, on the same random inputs
+  with interleaved repetitions, and writes ``OUT/latency.csv`` (``padnet sweep SUITE --latency``);
+- :func:`welch_test` / :func:`significance_table` compare every variant with a reference variant
+  (Welch's unequal-variance t-test over the seeds, two-sided);
+- :func:`plot_suite` draws accuracy against the dynamic ratio (static and fully dynamic drawn as
+  levels) and against the stored parameters; :func:`plot_layer_ratios` the per-layer dynamic
+  ratios IMP chose in one run (``padnet sweep SUITE --report DIR``).
+
+``docs/RESULTS.md`` marks each table with ``<!-- table: KIND PATH [key=value ...] -->``;
+:func:`render_table` rebuilds the table from the files, and a test checks that the document
+equals it, so no number there is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from padnet.train.sweep import load_suite, read_results
+from padnet.utils.io import atomic_write, save_csv
+
+__all__ = ["LATENCY_COLUMNS", "group_by_variant", "measure_suite_latency", "plot_layer_ratios",
+           "plot_suite", "render_table", "significance_table", "summary_table", "welch_test"]
+
+LATENCY_COLUMNS = ("variant", "run", "batch", "static_ms", "model_ms", "ratio_to_static",
+                   "deployed_params")
+
+
+def group_by_variant(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows by variant, variants in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(str(row["variant"]), []).append(row)
+    return groups
+
+
+def _floats(group: Sequence[dict[str, Any]], key: str) -> list[float]:
+    return [float(r[key]) for r in group if r.get(key) not in (None, "")]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def _fmt_mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return "–"
+    mean, std = _mean_std(values)
+    return f"{mean:.4f}" if len(values) < 2 else f"{mean:.4f} ± {std:.4f}"
+
+
+# --------------------------------------------------------------------------- significance
+def welch_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """``(mean(a) - mean(b), two-sided p)`` of Welch's t-test (unequal variances). Needs two
+    values on each side; ``p`` is 1 when both samples are constant and equal, 0 when constant
+    and different (scipy, the ``results`` extra)."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"a t-test needs at least 2 values per side, got {len(a)} and {len(b)}")
+    diff = sum(a) / len(a) - sum(b) / len(b)
+    if _mean_std(a)[1] == 0 and _mean_std(b)[1] == 0:
+        return diff, 1.0 if diff == 0 else 0.0
+    from scipy import stats
+
+    return diff, float(stats.ttest_ind(list(a), list(b), equal_var=False).pvalue)
+
+
+def significance_table(rows: Sequence[dict[str, Any]], *, reference: str = "dynamic",
+                       metric: str = "test_acc", alpha: float = 0.05) -> str:
+    """Markdown table: every other variant against ``reference`` on ``metric`` — the difference
+    of the means, Welch's two-sided p over the seeds, and whether it is significant at
+    ``alpha``."""
+    groups = group_by_variant(rows)
+    if reference not in groups:
+        raise ValueError(f"reference variant {reference!r} is not in the results; variants: "
+                         f"{', '.join(groups)}")
+    ref = _floats(groups[reference], metric)
+    lines = [f"| variant | {metric} − {reference} | Welch p | at {alpha:g} |",
+             "|---|---:|---:|---|"]
+    for name, group in groups.items():
+        if name == reference:
+            continue
+        values = _floats(group, metric)
+        if len(values) < 2 or len(ref) < 2:
+            lines.append(f"| {name} | | | too few seeds |")
+            continue
+        diff, p = welch_test(values, ref)
+        verdict = ("no difference shown" if p >= alpha else
+                   "higher" if diff > 0 else "lower")
+        lines.append(f"| {name} | {diff:+.4f} | {p:.3f} | {verdict} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- tables
+def summary_table(rows: Sequence[dict[str, Any]],
+                  latency: Sequence[dict[str, Any]] | None = None) -> str:
+    """Markdown table, one line per variant: runs, dynamic ratio, stored parameters (training
+    form), validation and test accuracy as mean ± sample std over the seeds; with ``latency``
+    rows also the exported model's stored parameters and its latency ratio to static per batch
+    size."""
+    batches = sorted({int(r["batch"]) for r in latency}) if latency else []
+    lat = {(str(r["variant"]), int(r["batch"])): r for r in latency or ()}
+    head = "| variant | runs | dynamic ratio | stored params | val acc | test acc |"
+    rule = "|---|---:|---:|---:|---:|---:|"
+    if batches:
+        head += " exported params |" + "".join(f" latency ×static b={b} |" for b in batches)
+        rule += "---:|" * (1 + len(batches))
+    lines = [head, rule]
+    for name, group in group_by_variant(rows).items():
+        ratio, params = _floats(group, "dynamic_ratio"), _floats(group, "stored_params")
+        if not (ratio and params):
+            lines.append(f"| {name} | {len(group)} | | | | |" + " |" * (
+                1 + len(batches) if batches else 0))
+            continue
+        line = (f"| {name} | {len(group)} | {ratio[0]:.3f} | {int(params[0]):,} | "
+                f"{_fmt_mean_std(_floats(group, 'val_acc'))} | "
+                f"{_fmt_mean_std(_floats(group, 'test_acc'))} |")
+        if batches:
+            first = lat.get((name, batches[0]))
+            line += f" {int(float(first['deployed_params'])):,} |" if first else " |"
+            for b in batches:
+                r = lat.get((name, b))
+                line += f" {float(r['ratio_to_static']):.2f} |" if r else " |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def render_table(spec: str, root: str | Path = ".") -> str:
+    """The table a ``docs/RESULTS.md`` marker names. ``spec`` is ``PATH`` or ``summary PATH
+    [latency=PATH]`` or ``significance PATH [reference=VARIANT] [metric=COLUMN]``; paths are
+    relative to ``root``."""
+    words = spec.split()
+    kind = "summary" if len(words) == 1 else words.pop(0)
+    if not words:
+        raise ValueError(f"table marker {spec!r} names no results file")
+    path, options = words[0], dict(w.split("=", 1) for w in words[1:] if "=" in w)
+    rows = read_results(Path(root) / path)
+    if kind == "summary":
+        latency = options.get("latency")
+        return summary_table(rows, read_results(Path(root) / latency) if latency else None)
+    if kind == "significance":
+        return significance_table(rows, reference=options.get("reference", "dynamic"),
+                                  metric=options.get("metric", "test_acc"))
+    raise ValueError(f"table marker {spec!r}: unknown kind {kind!r}; valid: summary, "
+                     "significance")
+
+
+# --------------------------------------------------------------------------- latency
+def _deployed_params(model: Any) -> int:
+    """Stored values of a deployed model: its parameters and buffers (bitmasks count as bytes
+    / 4, the float32 values they replace)."""
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        total += t.numel() if t.is_floating_point() else -(-t.numel() * t.element_size() // 4)
+    return total
+
+
+def measure_suite_latency(path: str | Path, *, batch_sizes: Sequence[int] = (1, 32),
+                          reps: int = 20, threads: int | None = None,
+                          log: Any = print) -> list[dict[str, Any]]:
+    """Time the exported model of the first finished run of each variant beside the static
+    model of its architecture (same inputs, interleaved repetitions, medians) and write
+    ``OUT/latency.csv``. A static variant is timed against a fresh copy of itself like any
+    other, so its ratio shows the noise floor of the measurement."""
+    import torch
+
+    import padnet
+    from padnet.bench import measure_latency
+    from padnet.train.build import build_model, load_run, random_inputs
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    runs = load_suite(path)
+    out = runs[0].run_dir.parent
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    for run in runs:
+        if run.variant in seen or run.status() != "done":
+            continue
+        seen.add(run.variant)
+        loaded = load_run(run.run_dir, with_data=False)
+        cfg, info = loaded.cfg, loaded.info
+        model = loaded.model if cfg.method == "none" else padnet.export(loaded.model)
+        torch.manual_seed(0)
+        static = build_model(cfg.replace(method="none", imp_mode="none"),
+                             num_classes=info["num_classes"], in_chans=info.get("in_chans"),
+                             pretrained=False).eval()
+        for batch in batch_sizes:
+            x = random_inputs(cfg, static, info, batch)
+            ms = measure_latency({"static": static, "model": model}, x, reps=reps)
+            rows.append({"variant": run.variant, "run": run.name, "batch": batch,
+                         "static_ms": round(ms["static"], 4), "model_ms": round(ms["model"], 4),
+                         "ratio_to_static": round(ms["model"] / ms["static"], 4),
+                         "deployed_params": _deployed_params(model)})
+            log(f"{run.name} batch {batch}: {ms['model'] / ms['static']:.2f}x static")
+    save_csv(out / "latency.csv", rows, LATENCY_COLUMNS)
+    return rows
+
+
+# --------------------------------------------------------------------------- plots
+def _metric(rows: Sequence[dict[str, Any]]) -> str:
+    """``test_acc``, or ``val_acc`` for data without a test split."""
+    return "test_acc" if any(r.get("test_acc") not in (None, "") for r in rows) else "val_acc"
+
+
+def _kappa_groups(rows: Sequence[dict[str, Any]], metric: str) -> tuple[dict, dict, dict]:
+    """``(pad, static, dynamic)``: PAD variants by dynamic ratio, and the two reference
+    groups (empty when absent)."""
+    pad: dict[float, list[float]] = {}
+    static: list[float] = []
+    dynamic: list[float] = []
+    for row in rows:
+        if row.get(metric) in (None, "") or row.get("dynamic_ratio") in (None, ""):
+            continue
+        ratio, acc = float(row["dynamic_ratio"]), float(row[metric])
+        if row["method"] == "none":
+            static.append(acc)
+        elif ratio >= 0.999:
+            dynamic.append(acc)
+        else:
+            pad.setdefault(round(ratio, 2), []).append(acc)
+    return pad, {"accs": static}, {"accs": dynamic}
+
+
+def plot_suite(rows: Sequence[dict[str, Any]], out: str | Path, *, title: str = "") -> list[Path]:
+    """Two figures next to ``out`` (a path prefix): ``OUT_kappa.png``, test accuracy (mean ±
+    std over seeds; validation accuracy for data without a test split) against the dynamic
+    ratio κ with the static and fully dynamic levels as lines and bands; ``OUT_params.png``,
+    the same accuracy against stored parameters per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metric = _metric(rows)
+    label = metric.replace("_acc", " accuracy").replace("val", "validation")
+    pad, static, dynamic = _kappa_groups(rows, metric)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for ref, colour, label in ((static, "tab:grey", "static"), (dynamic, "tab:blue",
+                                                                "fully dynamic")):
+        if ref["accs"]:
+            mean, std = _mean_std(ref["accs"])
+            ax.axhline(mean, color=colour, label=f"{label} ({len(ref['accs'])} seeds)")
+            ax.axhspan(mean - std, mean + std, color=colour, alpha=0.15)
+    if pad:
+        ks = sorted(pad)
+        stats = [_mean_std(pad[k]) for k in ks]
+        ax.errorbar(ks, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
+                    color="tab:red", capsize=3, label="PAD (IMP)")
+    ax.set_xlabel("dynamic ratio κ")
+    ax.set_ylabel(label)
+    ax.set_title(title or "accuracy against κ", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out.with_name(out.name + "_kappa.png")
+    _save_figure(fig, path)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, group in group_by_variant(rows).items():
+        params, accs = _floats(group, "stored_params"), _floats(group, metric)
+        if params and accs:
+            mean, std = _mean_std(accs)
+            ax.errorbar([params[0]], [mean], yerr=[std], marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("stored parameters (training form)")
+    ax.set_ylabel(label)
+    ax.set_title(title or "accuracy against size", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out.with_name(out.name + "_params.png")
+    _save_figure(fig, path)
+    written.append(path)
+    return written
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_layer_ratios(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
+    """Bar chart of the per-layer dynamic ratios IMP chose, one group of bars per run directory
+    (read from the runs' ``summary.json``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers: list[str] = []
+    series: dict[str, dict[str, float]] = {}
+    for run_dir in run_dirs:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+        imp = summary.get("imp") or {}
+        if not imp.get("layers"):
+            raise ValueError(f"{run_dir} has no IMP record (was it a PAD run?)")
+        ratios = {layer["name"]: layer["dynamic_ratio"] for layer in imp["layers"]}
+        layers += [n for n in ratios if n not in layers]
+        series[Path(run_dir).name] = ratios
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(layers) + 2), 3.8))
+    width = 0.8 / len(series)
+    for i, (name, ratios) in enumerate(series.items()):
+        xs = [j + i * width for j in range(len(layers))]
+        ax.bar(xs, [ratios.get(n, 0.0) for n in layers], width=width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))])
+    ax.set_xticklabels(layers, rotation=70, fontsize=7, ha="right")
+    ax.set_ylabel("dynamic ratio")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_figure(fig, path)
+    return path

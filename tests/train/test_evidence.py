@@ -1,0 +1,118 @@
+"""What a suite shows: summary and significance tables, the exported models' latency beside
+static, the plots, and the docs/RESULTS.md markers rebuilt from files."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from padnet.cli.main import main
+from padnet.train.evidence import (
+    render_table,
+    significance_table,
+    summary_table,
+    welch_test,
+)
+from tiny_data import write_tiny_npz
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rows(spec: dict[str, list[float]]) -> list[dict[str, str]]:
+    return [{"variant": v, "method": "none" if v == "static" else "dyconv",
+             "dynamic_ratio": "0.0" if v == "static" else "1.0" if v == "dynamic" else v[4:],
+             "stored_params": "100", "val_acc": str(a), "test_acc": str(a)}
+            for v, accs in spec.items() for a in accs]
+
+
+def test_summary_table_gives_mean_and_sample_std_per_variant() -> None:
+    rows = [{"variant": "pad", "dynamic_ratio": "0.3", "stored_params": "1000",
+             "val_acc": v, "test_acc": t} for v, t in (("0.5", "0.6"), ("0.7", "0.8"))]
+    table = summary_table(rows).splitlines()
+    assert table[2] == "| pad | 2 | 0.300 | 1,000 | 0.6000 ± 0.1414 | 0.7000 ± 0.1414 |"
+
+
+def test_summary_table_puts_the_exported_latency_beside_each_accuracy() -> None:
+    rows = _rows({"static": [0.5, 0.5], "pad_0.3": [0.6, 0.6]})
+    latency = [{"variant": v, "batch": b, "ratio_to_static": r, "deployed_params": p}
+               for v, b, r, p in (("static", 1, 1.02, 50), ("static", 32, 0.99, 50),
+                                  ("pad_0.3", 1, 1.5, 70), ("pad_0.3", 32, 2.25, 70))]
+    table = summary_table(rows, latency).splitlines()
+    assert table[0].endswith("| exported params | latency ×static b=1 | latency ×static b=32 |")
+    assert table[3].endswith("| 70 | 1.50 | 2.25 |")
+
+
+def test_welch_test_matches_the_textbook_value() -> None:
+    # means 2 and 5, variances 1 and 1, n = 3 each: t = -3/sqrt(2/3) = -3.674, df = 4,
+    # two-sided p = 0.02131 (t tables)
+    diff, p = welch_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert diff == -3.0
+    assert math.isclose(p, 0.02131, abs_tol=5e-5)
+
+
+def test_welch_test_of_constant_samples_and_too_few_values() -> None:
+    assert welch_test([0.5, 0.5], [0.5, 0.5]) == (0.0, 1.0)
+    assert welch_test([0.6, 0.6], [0.5, 0.5])[1] == 0.0
+    with pytest.raises(ValueError, match="at least 2 values per side, got 1 and 3"):
+        welch_test([1.0], [1.0, 2.0, 3.0])
+
+
+def test_significance_table_compares_every_variant_with_the_reference() -> None:
+    rows = _rows({"static": [0.80, 0.81, 0.79], "dynamic": [0.90, 0.91, 0.89],
+                  "pad_0.3": [0.905, 0.895, 0.90], "pad_0.5": [0.9]})
+    table = significance_table(rows).splitlines()
+    assert table[2].startswith("| static | -0.1000 | 0.000 | lower |")
+    assert table[3] == "| pad_0.3 | +0.0000 | 1.000 | no difference shown |"
+    assert table[4] == "| pad_0.5 | | | too few seeds |"
+    with pytest.raises(ValueError, match="reference variant 'moe' is not in the results"):
+        significance_table(rows, reference="moe")
+
+
+def test_render_table_reads_its_marker(tmp_path) -> None:
+    path = tmp_path / "r.csv"
+    rows = _rows({"static": [0.5, 0.6], "dynamic": [0.7, 0.8]})
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert render_table("r.csv", tmp_path) == summary_table(rows)
+    assert render_table("significance r.csv reference=static", tmp_path) == \
+        significance_table(rows, reference="static")
+    with pytest.raises(ValueError, match="unknown kind 'plot'"):
+        render_table("plot r.csv", tmp_path)
+
+
+def test_latency_and_report_of_a_finished_suite(tmp_path, capsys) -> None:
+    npz = write_tiny_npz(tmp_path / "tiny.npz")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: tiny\n"
+        f"out_dir: {tmp_path / 'out'}\n"
+        "config: {dataset: npz, data_root: " + str(npz) + ", model: resnet8, width: 4, "
+        "batch_size: 16, epochs: 1, lr: 0.05, method: dyconv, num_kernels: 2, "
+        "test_fraction: 0.25}\n"
+        "seeds: [0, 1]\n"
+        "variants:\n"
+        "  static: {method: none}\n"
+        "  dynamic: {}\n"
+        "  pad_0.5: {dynamic_ratio: 0.5, imp_mode: interleaved, imp_iterations: 1}\n")
+    assert main(["sweep", str(suite), "--report", str(tmp_path / "doc")]) == 2
+    assert "results.csv does not exist: run `padnet sweep" in capsys.readouterr().err
+    assert main(["sweep", str(suite)]) == 0
+    assert main(["sweep", str(suite), "--latency", "--reps", "2", "--batch-sizes", "1,4"]) == 0
+    lat = list(csv.DictReader((tmp_path / "out" / "latency.csv").open()))
+    assert [(r["variant"], r["batch"]) for r in lat] == [
+        (v, b) for v in ("static", "dynamic", "pad_0.5") for b in ("1", "4")]
+    assert all(float(r["ratio_to_static"]) > 0 for r in lat)
+    params = {r["variant"]: int(r["deployed_params"]) for r in lat}
+    assert params["static"] < params["pad_0.5"] < params["dynamic"]
+    capsys.readouterr()
+    assert main(["sweep", str(suite), "--report", str(tmp_path / "doc")]) == 0
+    out = capsys.readouterr().out
+    for name in ("tiny.csv", "tiny_latency.csv", "tiny_kappa.png", "tiny_params.png",
+                 "tiny_layers.png"):
+        assert (tmp_path / "doc" / name).stat().st_size > 0
+    assert "<!-- table: summary" in out and "latency ×static b=4" in out
+    assert "<!-- table: significance" in out and "| pad_0.5 |" in out
