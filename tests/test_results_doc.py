@@ -1,5 +1,6 @@
-"""Every table of docs/RESULTS.md comes from a committed results file: the table that follows a
-``<!-- table: PATH -->`` marker must equal the summary of the CSV at PATH."""
+"""Every table of docs/RESULTS.md comes from committed results files: the table that follows a
+``<!-- table: KIND PATH [key=value ...] -->`` marker must equal what
+:func:`padnet.train.evidence.render_table` builds from those files."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from padnet.train.sweep import read_results, summary_table
+from padnet.train.evidence import render_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "RESULTS.md"
-MARKER = re.compile(r"<!-- table: (\S+) -->\n((?:\|.*\n)+)")
+MARKER = re.compile(r"<!-- table: ([^>]+?) -->\n((?:\|.*\n)+)")
 
 
 def tables() -> list[tuple[str, str]]:
@@ -30,6 +31,6 @@ def test_results_doc_has_tables() -> None:
 NONE = [pytest.param("", "", marks=pytest.mark.skip(reason="no marked table"))]
 
 
-@pytest.mark.parametrize(("source", "table"), tables() or NONE)
-def test_each_table_matches_its_results_file(source: str, table: str) -> None:
-    assert table.strip() == summary_table(read_results(ROOT / source)).strip()
+@pytest.mark.parametrize(("spec", "table"), tables() or NONE)
+def test_each_table_matches_its_results_files(spec: str, table: str) -> None:
+    assert table.strip() == render_table(spec, ROOT).strip()
