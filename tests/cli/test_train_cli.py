@@ -110,6 +110,12 @@ def test_compare_prints_one_table_and_writes_files(config, tmp_path, capsys):
     assert float(dynamic["dynamic_ratio"]) == 1.0 and abs(float(pad["dynamic_ratio"]) - .5) < .01
     assert int(static["stored_params"]) < int(pad["stored_params"]) < int(
         dynamic["stored_params"])
+    assert "FLOPs/sample" in text
+    # the static model runs no router: fewer FLOPs than the trained dynamic and PAD models,
+    # which are never cheaper exported than as they run (batch 16: grouped path, element mask)
+    assert float(static["flops"]) == float(static["flops_export"])
+    assert float(static["flops"]) < float(dynamic["flops"]) == float(pad["flops"])
+    assert float(pad["flops_export"]) <= float(pad["flops"])
     assert rows[0]["test_acc"] and (out / "compare.md").read_text().startswith("| variant")
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     for variant in ("static", "dynamic", "pad"):

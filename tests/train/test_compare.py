@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+import padnet
 from padnet.train.compare import (
     CompareResult,
+    count_flops,
     measure_latency,
     variant_config,
     write_outputs,
@@ -50,3 +52,37 @@ def test_outputs_are_written(tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 1000
     table = result.table()
     assert "latency b=8" in table and "1.80x" in table and table.count("\n") == 4
+
+
+def test_flops_columns_are_written_and_tolerate_rows_without_them(tmp_path):
+    rows = [{"variant": v, "method": "dyconv", "val_acc": 0.5, "test_acc": 0.4,
+             "stored_params": 10, "dynamic_ratio": 0.0, "latency_ratio_b1": 1.0,
+             "latency_ratio_bN": 1.0, "latency_ms_b1": 1.0, "latency_ms_bN": 2.0, "batch_N": 8,
+             "train_time_s": 1.0, **extra}
+            for v, extra in (("static", {"flops": 1234567.0, "flops_export": 1234567.0}),
+                             ("pad", {}))]
+    result = CompareResult(rows, tmp_path)
+    write_outputs(result)
+    lines = (tmp_path / "compare.csv").read_text().splitlines()
+    head = lines[0].split(",")
+    assert head[6:8] == ["flops", "flops_export"]
+    assert lines[1].split(",")[6:8] == ["1234567.0", "1234567.0"]
+    assert lines[2].split(",")[6:8] == ["", ""]
+    assert "| 1,234,567 | 1,234,567 |" in (tmp_path / "compare.md").read_text()
+    table = result.table()
+    assert "FLOPs/sample" in table and "1.23M" in table
+
+
+def test_count_flops_of_a_trained_static_and_pad_model(capsys):
+    torch.manual_seed(0)
+    static = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(),
+                           nn.Linear(4 * 4 * 4, 2))
+    x = torch.randn(2, 3, 8, 8)
+    conv = 2 * 4 * 4 * 9 * 4 * 4
+    base = 2 * 3 * 4 * 9 * 6 * 6 + conv + 2 * 64 * 2
+    assert count_flops(static, x) == (base, base)
+    pad = padnet.dynamize(static, "dyconv", num_kernels=2, dynamic_ratio=0.5, path="grouped")
+    ran, exported = count_flops(pad, x)
+    assert ran == exported == base + (2 * 4 * 4 + 2 * 4 * 2) + 2 * 2 * 144 + 2 * 2 * 4
+    assert count_flops(pad, "not a batch") == (None, None)
+    assert "FLOPs not counted for Sequential: inputs must be" in capsys.readouterr().out

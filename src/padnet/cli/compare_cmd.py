@@ -1,11 +1,13 @@
 """``padnet compare -c CONFIG``: train the static, fully dynamic and PAD variants of one
 configuration and print one table.
 
-Columns: accuracy (val, test), stored parameters, dynamic ratio, latency ratio to the static
-model at batch 1 and at the eval batch size (measured side by side after training), training
-time. Writes ``compare.csv``, ``compare.md``, ``compare.png`` and one run directory per variant
-(``static/``, ``dynamic/``, ``pad/``, each with ``model.safetensors``) to ``--out`` (default:
-the config's ``out_dir``); earlier results there are replaced. Config keys may be overridden.
+Columns: accuracy (val, test), stored parameters, dynamic ratio, forward FLOPs per sample as
+trained and as exported (routers and weight aggregation included, only executed experts
+counted; docs/method.md §5.1), latency ratio to the static model at batch 1 and at the eval
+batch size (measured side by side after training), training time. Writes ``compare.csv``,
+``compare.md``, ``compare.png`` and one run directory per variant (``static/``, ``dynamic/``,
+``pad/``, each with ``model.safetensors``) to ``--out`` (default: the config's ``out_dir``);
+earlier results there are replaced. Config keys may be overridden.
 """
 
 from __future__ import annotations

@@ -1,22 +1,72 @@
-"""``padnet.stats``: stored parameters of a (partially) dynamic model, per layer and in total.
+"""``padnet.stats``: stored parameters and forward FLOPs of a (partially) dynamic model.
 
-For a PAD weight with K dynamic factors of N positions each and dynamic ratio kappa, deployment
-stores the dynamic values at dynamic positions and one static value elsewhere (docs/method.md §5)::
+**Parameters.** For a PAD weight with K dynamic factors of N positions each and dynamic ratio
+kappa, deployment stores the dynamic values at dynamic positions and one static value elsewhere
+(docs/method.md §5)::
 
     stored = K * kappa * N + (1 - kappa) * N      (fully dynamic: K * N; static: N)
 
 Every other parameter (routers, biases, normalisation, static layers) is counted as ``other``.
+
+**FLOPs** (docs/method.md §5.1), given an example input: :func:`flops` runs one forward of four
+forms of the model under ``torch.utils.flop_counter.FlopCounterMode`` and divides each count by
+the batch size. FlopCounterMode counts matrix products, convolutions and attention kernels, two
+FLOPs per multiply-add; element-wise work (activations, normalisation, softmax, mask products,
+adding a static kernel, pooling) counts zero. The four forms:
+
+* ``static``: the static equivalent (:func:`static_equivalent`): every PAD convolution an
+  ``nn.Conv2d`` of its geometry, ``2 * C_out * (C_in / g) * kh * kw * H' * W'`` per sample; every
+  MoE the dense FFN it was upcycled from, ``4 * hidden * intermediate`` per token (gated:
+  ``6 * hidden * intermediate``). No router.
+* ``dynamic``: the model with every mask set to all-dynamic (kappa = 1), unfolded. A dynamic
+  convolution adds its router (the FC layers on the pooled input), the per-sample aggregation
+  ``sum_k pi_k W_k`` (``2 * K * N`` per sample, a ``(B, K) x (K, N)`` product) and the routed bias
+  (``2 * K * C_out``) to the convolution, whose cost is unchanged (one kernel per sample). On the
+  ``mixture`` path there is no aggregation but K convolutions and the per-sample mixing of their
+  outputs. A MoE costs its router (``2 * hidden * E`` per token) plus the experts that actually
+  run: ``4 * hidden * intermediate`` for each kept (token, expert) assignment, so top-k routing
+  costs k expert FFNs per token, assignments dropped by a capacity limit cost nothing, and the
+  ``bmm`` path counts the padding rows it multiplies.
+* ``pad``: the model as it is, unfolded (the form it trains in). The masks are element-wise
+  products, so a PAD layer costs what the fully dynamic one costs, plus one more kernel on the
+  mixture path and the dense static matmuls of MoE's ``shared`` static path; a layer with no
+  dynamic position runs one ordinary convolution but still its router.
+* ``exported``: :func:`padnet.export` of the model (docs/method.md §5). A whole-channel mask runs
+  its static channels as one ordinary convolution and aggregates only the dynamic channels'
+  kernels; an element mask costs what the fully dynamic layer costs (softmax routing folds ``S``
+  into every ``D_k``); a PAD-MoE runs like a plain MoE. On the same execution paths never more
+  than the training form, except that the deployed convolution pads the dynamic channels of a
+  channel mask to a multiple of 8 (groups 1) and convolves the padding too, which on large
+  feature maps outweighs the saved aggregation.
+
+The counts are those of this input: they depend on the batch size where the execution path does
+(``auto`` paths, the deployed convolution's batch-1 path) and, for MoE, on the routing of these
+tokens. Text inputs count per sequence, padding tokens included.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from padnet.layers.protocol import find_pad_layers, qualified_name
+from padnet.convert.methods import replace_module
+from padnet.layers.moe import MoE
+from padnet.layers.pad import ModeMask
+from padnet.layers.pad_conv import PadConv2d
+from padnet.layers.protocol import PadLayer, find_pad_layers, qualified_name
+from padnet.ops.conv import pad_input
+from padnet.utils.checks import check_choice
 
-__all__ = ["LayerStats", "ModelStats", "stats"]
+__all__ = ["FlopStats", "LayerStats", "ModelStats", "flops", "format_count", "forward_flops",
+           "register_static_equivalent", "static_equivalent", "stats"]
 
 
 @dataclass
@@ -65,6 +115,7 @@ class ModelStats:
 
     layers: list[LayerStats] = field(default_factory=list)
     other_params: int = 0  # parameters outside the PAD weights
+    flops: FlopStats | None = None  # forward FLOPs per sample, when an example input was given
 
     def _sum(self, attr: str) -> int:
         return sum(getattr(layer, attr) for layer in self.layers)
@@ -102,8 +153,11 @@ class ModelStats:
     def to_dict(self) -> dict:
         keys = ("numel", "num_dynamic", "dynamic_ratio", "dynamic_params", "static_params",
                 "other_params", "stored_params", "fully_dynamic_params")
-        return {"layers": [layer.to_dict() for layer in self.layers],
-                "total": {k: getattr(self, k) for k in keys}}
+        d = {"layers": [layer.to_dict() for layer in self.layers],
+             "total": {k: getattr(self, k) for k in keys}}
+        if self.flops is not None:
+            d["flops"] = self.flops.to_dict()
+        return d
 
     def __str__(self) -> str:
         head = ("layer", "kind", "K", "N", "ratio", "dynamic", "static", "stored", "fully dyn")
@@ -122,14 +176,18 @@ class ModelStats:
         fmt = [f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths)]
         lines = ["  ".join(f.format(c) for f, c in zip(fmt, r, strict=True)) for r in rows]
         rule = "-" * len(lines[0])
-        return "\n".join([lines[0], rule, *lines[1:-2], rule, *lines[-2:]])
+        table = "\n".join([lines[0], rule, *lines[1:-2], rule, *lines[-2:]])
+        return table if self.flops is None else f"{table}\n\n{self.flops}"
 
 
-def stats(model: nn.Module) -> ModelStats:
-    """Count stored parameters of ``model`` per PAD weight and in total.
+def stats(model: nn.Module, inputs: Any = None, *, export_path: str = "auto") -> ModelStats:
+    """Count stored parameters of ``model`` per PAD weight and in total, and with an example
+    input its forward FLOPs per sample (:func:`flops`, in ``.flops``).
 
     The PAD weights are those the model's PAD layers report (:func:`find_pad_layers`); each
-    holds ``K * N`` dynamic and ``N`` static values. Print the result for a table, or call
+    holds ``K * N`` dynamic and ``N`` static values. ``inputs`` is a batch as the model takes it
+    (a tensor, a tuple of positional arguments or a dict of keyword arguments); ``export_path``
+    is the execution path of the exported convolutions. Print the result for a table, or call
     ``.to_dict()``.
     """
     result = ModelStats()
@@ -143,4 +201,283 @@ def stats(model: nn.Module) -> ModelStats:
             pad_weight_params += w.dynamic.numel() + w.static.numel()
     total = sum(p.numel() for p in model.parameters())
     result.other_params = total - pad_weight_params
+    if inputs is not None:
+        result.flops = flops(model, inputs, export_path=export_path)
     return result
+
+
+# ---- FLOPs -----------------------------------------------------------------------------------
+def format_count(value: float) -> str:
+    """``value`` with three significant digits and an SI suffix (``1.23M``)."""
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+@dataclass(frozen=True)
+class FlopStats:
+    """Forward FLOPs per sample of four forms of one model on one example batch (see the module
+    docstring and docs/method.md §5.1 for what each counts).
+
+    ``static``: the static equivalent; ``dynamic``: every mask all-dynamic; ``pad``: the model as
+    it is (training form, unfolded); ``exported``: :func:`padnet.export` of it;
+    ``batch_size``: the example batch the totals were divided by.
+    """
+
+    static: float
+    dynamic: float
+    pad: float
+    exported: float
+    batch_size: int
+
+    def ratio(self, form: str) -> float:
+        """FLOPs of ``form`` (``dynamic``, ``pad``, ``exported``) over the static equivalent's."""
+        check_choice(form, "form", ("static", "dynamic", "pad", "exported"))
+        return getattr(self, form) / self.static if self.static else float("nan")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        rows = [("FLOPs per sample", f"(batch {self.batch_size})", "vs static")]
+        for label, form in (("static equivalent", "static"), ("fully dynamic", "dynamic"),
+                            ("PAD, training form", "pad"), ("PAD, exported", "exported")):
+            rows.append((label, format_count(getattr(self, form)), f"{self.ratio(form):.3f}x"))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}"
+                         for r in rows)
+
+
+class _StaticConv2d(nn.Conv2d):
+    """``nn.Conv2d`` standing in for a PAD convolution: its weight, geometry and padding (taken
+    from the layer for each input size, so every padding the layer accepts works); injected
+    routing is accepted and ignored."""
+
+    def forward(self, x: Tensor, routing_weights: Any = None) -> Tensor:
+        xp, conv_pad = pad_input(x, self.pad4(*x.shape[-2:]), self.padding_mode)
+        return F.conv2d(xp, self.weight, self.bias, self.stride, conv_pad, self.dilation,
+                        self.groups)
+
+
+class _DenseFFN(nn.Module):
+    """The dense FFN ``fc2(act(fc1(x)))``, or with an up projection ``fc3`` the gated FFN
+    ``fc2(act(fc1(x)) * fc3(x))``, standing in for a MoE layer (same call signature)."""
+
+    def __init__(self, fc1: nn.Linear, act: Any, fc2: nn.Linear,
+                 fc3: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.fc3 = fc1, act, fc2, fc3
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        h = self.act(self.fc1(x))
+        return self.fc2(h if self.fc3 is None else h * self.fc3(x))
+
+
+def _shared(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach(), requires_grad=False)
+
+
+def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+    lin.weight = _shared(weight)
+    if bias is not None:
+        lin.bias = _shared(bias)
+    return lin
+
+
+def _static_conv(layer: PadConv2d) -> nn.Module:
+    conv = _StaticConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                         0, layer.dilation, layer.groups, bias=layer.bias is not None,
+                         padding_mode=layer.padding_mode, device="meta")
+    conv.padding = layer.padding  # for display: pad4 does the padding
+    fixed = layer._pad4
+    conv.pad4 = getattr(layer, "pad4_for", lambda height, width: fixed)
+    conv.weight = _shared(layer.static_weight)
+    if layer.bias is not None:
+        conv.bias = _shared(layer.bias[0])
+    return conv
+
+
+def _dense_ffn(layer: MoE) -> nn.Module:
+    def linear(i: int) -> nn.Linear:
+        bias = getattr(layer, f"b{i}")
+        return _linear(getattr(layer, f"w{i}_static"), None if bias is None else bias[0])
+
+    up = linear(3) if getattr(layer, "gated", False) else None
+    return _DenseFFN(linear(1), layer.act, linear(2), up)
+
+
+_STATIC_EQUIVALENTS: dict[type, Callable[[Any], nn.Module]] = {
+    PadConv2d: _static_conv,
+    MoE: _dense_ffn,
+}
+
+
+def register_static_equivalent(layer_type: type[PadLayer],
+                               build: Callable[[Any], nn.Module]) -> None:
+    """``build(layer) -> nn.Module``: the ordinary layer a PAD layer of ``layer_type`` (or of a
+    subclass without its own entry) replaced, with the layer's call signature, for
+    :func:`static_equivalent` and the ``static`` FLOPs of :func:`flops`."""
+    if not (isinstance(layer_type, type) and issubclass(layer_type, PadLayer)):
+        raise TypeError(f"layer_type must be a PadLayer subclass, got {layer_type!r}")
+    if not callable(build):
+        raise TypeError(f"build must be callable, got {type(build).__name__}")
+    _STATIC_EQUIVALENTS[layer_type] = build
+
+
+def _static_builder(name: str, layer: PadLayer) -> Callable[[Any], nn.Module]:
+    for cls in type(layer).__mro__:
+        if cls in _STATIC_EQUIVALENTS:
+            return _STATIC_EQUIVALENTS[cls]
+    known = ", ".join(sorted(c.__name__ for c in _STATIC_EQUIVALENTS))
+    raise ValueError(f"no static equivalent known for layer {name or '<model>'!r} of type "
+                     f"{type(layer).__name__} (known: {known}); register one with "
+                     "padnet.convert.stats.register_static_equivalent")
+
+
+def _structural_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares every parameter and buffer with it."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _check_not_deployed(model: nn.Module) -> None:
+    from padnet.deploy.export import DEPLOYED_TYPES
+
+    for name, m in model.named_modules():
+        if isinstance(m, DEPLOYED_TYPES):
+            raise ValueError(f"module {name or '<model>'!r} is already in deployment form "
+                             f"({type(m).__name__}): pass the trained model (before "
+                             "padnet.export)")
+
+
+def static_equivalent(model: nn.Module) -> nn.Module:
+    """``model`` with every PAD layer replaced by the ordinary layer it stands for: an
+    ``nn.Conv2d`` of the same geometry (weight ``W_s``, bias ``b_1``) for a PAD convolution, the
+    dense FFN ``hidden -> intermediate -> hidden`` (``W1_s``, ``W2_s`` and for a gated MoE
+    ``W3_s``, the first expert's biases) for a MoE. A structural copy in eval mode that shares
+    the original's tensors: for measuring cost and shapes, not a trained static model (its
+    outputs differ from the PAD model's)."""
+    layers = find_pad_layers(model)
+    builders = [(name, layer, _static_builder(name, layer)) for name, layer in layers]
+    if any(not name for name, _, _ in builders):  # the model itself is the PAD layer
+        return builders[0][2](model).eval()
+    out = _structural_copy(model)
+    for name, layer, build in builders:
+        replace_module(out, name, build(layer))
+    return out.eval()
+
+
+def _fully_dynamic(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose every mode mask is all-dynamic (kappa = 1)."""
+    out = _structural_copy(model)
+    masks = [(n, m) for n, m in out.named_modules() if isinstance(m, ModeMask)]
+    for name, mm in masks:
+        fresh = ModeMask(mm.shape, mm.num_factors, scale_mode=mm.scale_mode,
+                         device=mm.mask.device, dtype=mm.phi.dtype)
+        fresh.phi = mm.phi  # shared, as every other tensor
+        if name:
+            replace_module(out, name, fresh)
+    return out.eval()
+
+
+def _batch_size(inputs: Any) -> int:
+    """The batch dimension of an example input (tensor, tuple/list of arguments, dict)."""
+    if isinstance(inputs, Tensor):
+        tensors = [("inputs", inputs)]
+    elif isinstance(inputs, dict):
+        tensors = [(f"inputs[{k!r}]", v) for k, v in inputs.items() if isinstance(v, Tensor)]
+    elif isinstance(inputs, (tuple, list)):
+        tensors = [(f"inputs[{i}]", v) for i, v in enumerate(inputs) if isinstance(v, Tensor)]
+    else:
+        raise TypeError("inputs must be a tensor, a tuple/list of positional arguments or a "
+                        f"dict of keyword arguments, got {type(inputs).__name__}")
+    batched = [(n, t) for n, t in tensors if t.dim() >= 1]
+    if not batched:
+        raise ValueError("inputs must hold at least one tensor with a batch dimension, got "
+                         f"{type(inputs).__name__} without one")
+    sizes = {n: int(t.shape[0]) for n, t in batched}
+    first = next(iter(sizes.values()))
+    if first < 1:
+        raise ValueError(f"inputs must hold at least one sample, got batch size {first}")
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"inputs disagree on the batch size: {sizes}")
+    return first
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def forward_flops(model: nn.Module, inputs: Any) -> int:
+    """FLOPs of one forward of ``model`` on the batch ``inputs`` as FlopCounterMode counts them
+    (matrix products, convolutions, attention; element-wise work counts zero), without
+    gradients, with ``model`` in eval mode for the duration (its mode restored after)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _batch_size(inputs)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            try:
+                _call(model, inputs)
+            except RuntimeError as e:
+                raise ValueError(f"{type(model).__name__} failed on the example inputs "
+                                 f"({_describe(inputs)}): {e}") from e
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return int(counter.get_total_flops())
+
+
+def _describe(inputs: Any) -> str:
+    def one(v: Any) -> str:
+        return f"tensor {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+
+    if isinstance(inputs, dict):
+        return ", ".join(f"{k}={one(v)}" for k, v in inputs.items())
+    if isinstance(inputs, (tuple, list)):
+        return ", ".join(one(v) for v in inputs)
+    return one(inputs)
+
+
+def flops(model: nn.Module, inputs: Any, *, export_path: str = "auto") -> FlopStats:
+    """Forward FLOPs per sample of ``model`` on the example batch ``inputs``: of its static
+    equivalent, of the fully dynamic model (every mask all-dynamic), of the PAD model as it is
+    (training form) and as :func:`padnet.export` makes it (with ``export_path``). Each is one
+    forward under ``torch.utils.flop_counter.FlopCounterMode`` (no gradients, eval mode) divided
+    by the batch size; routers, weight aggregation and only the experts that run are included
+    (module docstring, docs/method.md §5.1).
+
+    ``inputs``: a tensor (``model(inputs)``), a tuple/list (``model(*inputs)``) or a dict
+    (``model(**inputs)``, e.g. ``input_ids`` and ``attention_mask``); the batch size is their
+    first dimension. A model without PAD layers has one number in all four places. ``model`` is
+    left as it was: the forms are structural copies sharing its tensors (the export one is
+    folded anew). Raises TypeError/ValueError for a bad model or input, a model already in
+    deployment form, or a PAD layer kind without static equivalent
+    (:func:`register_static_equivalent`).
+    """
+    from padnet.deploy.conv import DEPLOY_PATHS
+    from padnet.deploy.export import export
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_choice(export_path, "export_path", DEPLOY_PATHS)
+    batch = _batch_size(inputs)
+    _check_not_deployed(model)
+    if not find_pad_layers(model):
+        n = forward_flops(_structural_copy(model), inputs) / batch
+        return FlopStats(n, n, n, n, batch)
+    static = forward_flops(static_equivalent(model), inputs)
+    dynamic = forward_flops(_fully_dynamic(model), inputs)
+    pad = forward_flops(_structural_copy(model), inputs)
+    exported = forward_flops(export(_structural_copy(model), path=export_path, inplace=True),
+                             inputs)
+    return FlopStats(static / batch, dynamic / batch, pad / batch, exported / batch, batch)

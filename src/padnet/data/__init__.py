@@ -1,7 +1,8 @@
 """Data loaders for real data sets and user data: ``load_dataset(name, ...) -> DatasetSplits``.
 
 Image data: Fashion-MNIST (IDX files), ``.npz`` arrays, image folders. Text data: Rotten Tomatoes,
-Pang & Lee polarity, CoNLL-2010 and any CSV, tokenised with a Hugging Face tokenizer. The built-in
+Pang & Lee polarity, CoNLL-2010 and the user's CSV, TSV or JSON-lines files or Hugging Face data
+sets saved to disk, tokenised with a Hugging Face tokenizer. The built-in
 corpora are fetched by ``python -m padnet.data.fetch`` (``make data``) and never committed.
 """
 

@@ -3,7 +3,9 @@
 Names: ``fashion_mnist``, ``npz``, ``image_folder`` (image data), ``rotten_tomatoes``, ``polarity``,
 ``conll2010``, ``csv`` (text data). ``root`` is where the files are: a directory for the built-in
 data sets (default: ``$PADNET_DATA/<dir>``, then ``./data/<dir>``, as filled by
-``python -m padnet.data.fetch``), the ``.npz`` or CSV file, or the image-folder directory.
+``python -m padnet.data.fetch``), the ``.npz`` file, the image-folder directory, or for ``csv``
+the user's text data: a CSV, TSV or JSON-lines file or a directory saved by Hugging Face
+``datasets`` (:func:`padnet.data.text.load_text_file`).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ DATASETS: Registry[DatasetEntry] = Registry("data set")
 
 def register_dataset(name: str, load: Callable[..., Any], *, kind: str,
                      needs_root: bool = False) -> DatasetEntry:
-    """Add a data set: ``load(root, image_size=, channels=, text_column=, label_column=)``
-    returns :class:`~padnet.data.images.RawImages` (``kind='image'``) or
+    """Add a data set: ``load(root, image_size=, channels=)`` (images) or ``load(root,
+    text_column=, label_column=)`` (text; also ``text_encoding=`` and ``text_delimiter=`` where
+    those are set) returns :class:`~padnet.data.images.RawImages` (``kind='image'``) or
     :class:`~padnet.data.text.RawTexts` (``kind='text'``)."""
     return DATASETS.register(name, DatasetEntry(load, kind, needs_root))
 
@@ -54,8 +57,11 @@ register_dataset("polarity", lambda root, **_: text.load_pattern_corpus("polarit
                  kind="text")
 register_dataset("conll2010", lambda root, **_: text.load_pattern_corpus("conll2010", root),
                  kind="text")
-register_dataset("csv", lambda root, text_column, label_column, **_: text.load_csv_texts(
-    root, text_column=text_column, label_column=label_column), kind="text", needs_root=True)
+register_dataset("csv", lambda root, text_column, label_column, text_encoding="utf-8",
+                 text_delimiter=None, **_: text.load_text_file(
+                     root, text_column=text_column, label_column=label_column,
+                     encoding=text_encoding, delimiter=text_delimiter),
+                 kind="text", needs_root=True)
 
 
 def list_datasets() -> list[str]:
@@ -75,6 +81,8 @@ def load_dataset(
     max_length: int = 128,
     text_column: str = "text",
     label_column: str = "label",
+    text_encoding: str = "utf-8",
+    text_delimiter: str | None = None,
     image_size: int | None = None,
     channels: int | None = None,
 ) -> DatasetSplits:
@@ -85,8 +93,11 @@ def load_dataset(
     ``x_test``/``y_test``); ``subset`` caps the training examples (chosen by ``seed``; val and test
     are unchanged). Images come out as float ``(C, H, W)``, ``image_size``/``channels`` resize and
     repeat/average them; text is tokenised with ``tokenizer`` (an HF tokenizer, or a path/name for
-    ``AutoTokenizer.from_pretrained``) truncated to ``max_length``. Missing files raise
-    FileNotFoundError saying how to get them; bad arguments raise ValueError.
+    ``AutoTokenizer.from_pretrained``) truncated to ``max_length``. ``text_encoding`` (default
+    UTF-8, a byte-order mark skipped) and ``text_delimiter`` (default: by extension, tab for
+    ``.tsv``) apply to the user's text files; the splits of a saved ``DatasetDict`` are used as
+    given (its validation/test split replaces ``val_fraction``/``test_fraction``). Missing files
+    raise FileNotFoundError saying how to get them; bad arguments raise ValueError.
     """
     entry = DATASETS.get(name)
     check_fraction("val_fraction", val_fraction)
@@ -108,7 +119,13 @@ def load_dataset(
         return images.image_splits(raw, image_size=image_size, channels=channels, **common)
     if image_size is not None or channels is not None:
         raise ValueError(f"image_size/channels are for image data sets; {name!r} holds text")
-    raw = entry.load(root, text_column=text_column, label_column=label_column)
+    options = {"text_column": text_column, "label_column": label_column}
+    if text.resolve_encoding(text_encoding) != "utf-8-sig":  # passed only where set
+        options["text_encoding"] = text_encoding
+    if text_delimiter is not None:
+        text.resolve_delimiter(text_delimiter, root or "")
+        options["text_delimiter"] = text_delimiter
+    raw = entry.load(root, **options)
     _check_classes(raw.class_names, raw.labels, raw.source)
     return text.text_splits(raw, tokenizer=tokenizer, max_length=max_length, **common)
 

@@ -90,8 +90,24 @@ def build_data(cfg: TrainConfig) -> Any:
         test_fraction=cfg.test_fraction, subset=cfg.subset,
         tokenizer=hf_model_path(cfg) if text else None, max_length=cfg.max_length,
         text_column=cfg.text_column, label_column=cfg.label_column,
+        text_encoding=cfg.text_encoding, text_delimiter=cfg.text_delimiter,
         image_size=None if text else cfg.image_size, channels=None if text else cfg.channels,
     )
+
+
+def _refuse_converted(path: str) -> None:
+    """ValueError for a directory saved from a padnet-converted model (``config.json`` holds a
+    ``padnet`` conversion record): transformers would load its static parts and silently drop
+    the PAD layers' weights."""
+    try:
+        record = json.loads((Path(path) / "config.json").read_text()).get("padnet")
+    except (OSError, ValueError, AttributeError):
+        return  # transformers reports an unreadable config itself
+    if record is not None:
+        raise ValueError(f"{path} holds a model converted by padnet (its config.json has a "
+                         "'padnet' conversion record); a run starts from a static model: use "
+                         "the static model's directory, or load this one with "
+                         "padnet.from_pretrained and train it in your own loop")
 
 
 def _hf_model(cfg: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module:
@@ -104,6 +120,7 @@ def _hf_model(cfg: TrainConfig, num_classes: int, pretrained: bool) -> nn.Module
     hf_logging.disable_progress_bar()
     path = hf_model_path(cfg)
     if pretrained:
+        _refuse_converted(path)
         try:  # safetensors only: a pickled checkpoint (pytorch_model.bin) is never unpickled
             return AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=num_classes, use_safetensors=True)

@@ -4,6 +4,9 @@ Variants: ``static`` (``method: none``), ``dynamic`` (the config's method with k
 IMP) and ``pad`` (the config as written: its kappa and IMP). After training, the latency of the
 three models is measured side by side in this process: eval mode, repetitions interleaved
 (variant order rotated each round), median per variant, at batch 1 and at the eval batch size.
+Beside the stored parameters stand the forward FLOPs per sample of each variant's model on the
+eval-size batch (:func:`padnet.convert.stats.flops`, docs/method.md §5.1): ``flops`` as it runs
+after training, ``flops_export`` after :func:`padnet.export` (the same for the static model).
 Outputs in ``out_dir``: ``compare.csv``, ``compare.md``, ``compare.png`` and one run directory per
 variant (with its ``model.safetensors``).
 """
@@ -19,19 +22,20 @@ from typing import Any
 import torch
 
 from padnet.bench import measure_latency
+from padnet.convert.stats import flops, format_count
 from padnet.train.build import batch_inputs
 from padnet.train.config import TrainConfig
 from padnet.train.distributed import cleanup_distributed, init_distributed
 from padnet.utils.checks import check_choice
 from padnet.utils.io import atomic_write
 
-__all__ = ["COLUMNS", "VARIANTS", "CompareResult", "compare", "example_inputs",
+__all__ = ["COLUMNS", "VARIANTS", "CompareResult", "compare", "count_flops", "example_inputs",
            "measure_latency", "variant_config"]
 
 VARIANTS = ("static", "dynamic", "pad")
 COLUMNS = ("variant", "method", "val_acc", "test_acc", "stored_params", "dynamic_ratio",
-           "latency_ratio_b1", "latency_ratio_bN", "latency_ms_b1", "latency_ms_bN",
-           "batch_N", "train_time_s")
+           "flops", "flops_export", "latency_ratio_b1", "latency_ratio_bN", "latency_ms_b1",
+           "latency_ms_bN", "batch_N", "train_time_s")
 
 
 def variant_config(cfg: TrainConfig, variant: str, out_dir: str | Path) -> TrainConfig:
@@ -66,10 +70,11 @@ class CompareResult:
     def table(self) -> str:
         """The table as aligned text."""
         head = ("variant", "val acc", "test acc", "stored params", "dyn. ratio",
-                "latency b=1", f"latency b={self.rows[0]['batch_N'] if self.rows else 'N'}",
-                "train s")
+                "FLOPs/sample", "exported", "latency b=1",
+                f"latency b={self.rows[0]['batch_N'] if self.rows else 'N'}", "train s")
         rows = [head] + [(r["variant"], _fmt(r["val_acc"]), _fmt(r["test_acc"]),
                           f"{r['stored_params']:,}", f"{r['dynamic_ratio']:.3f}",
+                          _fmt_flops(r.get("flops")), _fmt_flops(r.get("flops_export")),
                           f"{r['latency_ratio_b1']:.2f}x", f"{r['latency_ratio_bN']:.2f}x",
                           f"{r['train_time_s']:.1f}") for r in self.rows]
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -82,7 +87,9 @@ class CompareResult:
         """The table in Markdown (latency as a ratio to the static model)."""
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for r in self.rows:
-            lines.append("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |")
+            lines.append("| " + " | ".join(
+                f"{r[c]:,.0f}" if c.startswith("flops") and r.get(c) is not None
+                else _fmt(r.get(c)) for c in COLUMNS) + " |")
         return "\n".join(lines) + "\n"
 
 
@@ -90,6 +97,21 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _fmt_flops(value: float | None) -> str:
+    return "-" if value is None else format_count(value)
+
+
+def count_flops(model: torch.nn.Module, inputs: Any) -> tuple[float | None, float | None]:
+    """``(FLOPs per sample as the model runs, after padnet.export)`` on ``inputs``, or Nones with
+    a message where they cannot be counted (a layer kind without static equivalent or export)."""
+    try:
+        f = flops(model, inputs)
+    except (TypeError, ValueError) as e:
+        print(f"FLOPs not counted for {type(model).__name__}: {e}")
+        return None, None
+    return f.pad, f.exported
 
 
 def _row(variant: str, cfg: TrainConfig, run: Any) -> dict[str, Any]:
@@ -135,12 +157,14 @@ def _compare(cfg: TrainConfig, out: Path, reps: int, quiet: bool, variants: tupl
     batch_n = cfg.eval_batch_size or 2 * cfg.batch_size
     models = {v: runs[v].model for v in variants}
     for tag, size in (("b1", 1), ("bN", batch_n)):
-        ms = measure_latency(models, example_inputs(splits, size, device), reps=reps)
+        inputs = example_inputs(splits, size, device)
+        ms = measure_latency(models, inputs, reps=reps)
         for row in rows:
             row[f"latency_ms_{tag}"] = ms[row["variant"]]
             row[f"latency_ratio_{tag}"] = ms[row["variant"]] / ms["static"]
-    for row in rows:
+    for row in rows:  # per sample on the eval-size batch, the last one timed
         row["batch_N"] = batch_n
+        row["flops"], row["flops_export"] = count_flops(models[row["variant"]], inputs)
     result = CompareResult(rows, out, runs, is_main=main)
     if main:
         write_outputs(result)
@@ -154,7 +178,7 @@ def write_outputs(result: CompareResult) -> None:
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in result.rows:
-        writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
     text, md = buf.getvalue(), result.markdown()
     atomic_write(result.out_dir / "compare.csv", lambda tmp: Path(tmp).write_text(text))
     atomic_write(result.out_dir / "compare.md", lambda tmp: Path(tmp).write_text(md))

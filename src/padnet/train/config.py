@@ -97,6 +97,9 @@ class TrainConfig:
     max_length: int = _opt(128, "tokens per text")
     text_column: str = _opt("text", "text column of a CSV data set")
     label_column: str = _opt("label", "label column of a CSV data set")
+    text_encoding: str = _opt("utf-8", "encoding of a CSV/TSV/JSON-lines data file")
+    text_delimiter: str | None = _opt(None, "delimiter of a CSV data file: one character or "
+                                      "tab, comma, semicolon, pipe, space (none: by extension)")
     batch_size: int = _opt(128, "examples per optimizer step (per process)")
     eval_batch_size: int | None = _opt(None, "evaluation batch size (none: 2 * batch_size)")
     num_workers: int = _opt(0, "data loader worker processes")
