@@ -21,14 +21,14 @@ def test_a_model_without_candidates_is_refused() -> None:
         padnet.dynamize(nn.Sequential(nn.Linear(2, 2)), "dyconv")
 
 
-def test_subclasses_of_conv2d_are_listed_as_skipped() -> None:
+def test_subclasses_of_conv2d_that_keep_its_forward_are_converted() -> None:
     class MyConv(nn.Conv2d):
         pass
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), MyConv(8, 8, 3), nn.Conv2d(8, 8, 3))
     report = padnet.dynamize(model, "dyconv").padnet_report
-    assert [(e.name, e.reason) for e in report.skipped] == [
-        ("0", "stem"), ("1", "a subclass of Conv2d, not converted")]
+    assert [(e.name, e.reason) for e in report.skipped] == [("0", "stem")]
+    assert report.names == ["1", "2"]
 
 
 def test_a_model_whose_ffns_are_all_moe_already_is_refused() -> None:

@@ -1,6 +1,8 @@
-"""Model surgery: dynamic conversion (a table of methods), parameter statistics."""
+"""Model surgery: dynamic conversion (a table of methods, a table of FFN layouts for MoE
+upcycling), parameter statistics."""
 
 from padnet.convert.dynamize import dynamize
+from padnet.convert.ffn_layouts import FFN_LAYOUTS, FFNLayout, register_ffn_layout
 from padnet.convert.methods import (
     METHODS,
     Method,
@@ -14,9 +16,11 @@ from padnet.convert.report import ConversionEntry, ConversionReport
 from padnet.convert.stats import LayerStats, ModelStats, stats
 
 __all__ = [
+    "FFN_LAYOUTS",
     "METHODS",
     "ConversionEntry",
     "ConversionReport",
+    "FFNLayout",
     "LayerStats",
     "Method",
     "ModelStats",
@@ -24,6 +28,7 @@ __all__ = [
     "dynamize_moe",
     "get_method",
     "method_names",
+    "register_ffn_layout",
     "register_method",
     "replace_modules",
     "stats",

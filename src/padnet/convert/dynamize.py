@@ -3,10 +3,31 @@
 The method is looked up in the table of :mod:`padnet.convert.methods`. The convolution methods
 (docs/method.md §2.1, §3) replace ``nn.Conv2d`` modules by
 :class:`~padnet.layers.DynamicConv2d` (``dyconv``: softmax routing; ``condconv``: sigmoid routing)
-or :class:`~padnet.layers.ODConv2d` (``odconv``). Default placement follows the paper: every
-convolution except the stem (the first ``nn.Conv2d`` of the model) becomes dynamic; linear
-classifiers are never touched. ``method='moe'`` turns feed-forward blocks into mixtures of experts
-(:mod:`padnet.convert.moe`).
+or :class:`~padnet.layers.ODConv2d` (``odconv``), on any CNN: padnet's models, Hugging Face's
+vision CNNs, timm-style convolutions. ``method='moe'`` turns feed-forward blocks into mixtures of
+experts (:mod:`padnet.convert.moe`).
+
+Default placement of the convolution methods (docs/method.md §2.1): as in PAD-Net's code, every
+convolution becomes dynamic -- 3x3, depthwise, 1x1 and the 1x1 projection shortcuts alike --
+except
+
+* the stem, the first convolution in module order (few input channels, full resolution);
+* the convolutions of squeeze-and-excitation gates (inside a module whose class name matches
+  :data:`~padnet.convert.methods.GATE_CLASS`, e.g. EfficientNet's ``squeeze_excite``, RegNet's
+  ``attention``): they act on pooled 1x1 maps and are input-dependent gates already
+  (CondConv's EfficientNet keeps them static too).
+
+Linear layers (classifiers, ConvNeXt's pointwise MLPs) are never touched. ``include`` replaces
+this placement, ``exclude`` removes modules from it; the report gives every skipped module with
+its reason.
+
+Subclasses of ``nn.Conv2d`` are converted when that is exact: one that keeps ``nn.Conv2d``'s
+forward (EfficientNet's depthwise convolution) as it is; one with its own forward only when, run on
+random inputs, it computes a plain convolution or one with dynamic "same" padding (timm's
+``Conv2dSame``, carried as ``padding='dynamic_same'``). Anything else -- another forward, forward
+or backward hooks, a parametrization, lazy weights -- is refused with a ValueError naming the
+module, before anything changes. With ``init='copy'`` every new layer is also checked against the
+convolution it replaces on a random input.
 """
 
 from __future__ import annotations
@@ -50,7 +71,7 @@ def dynamize(
             (convolutions; take ``num_kernels``, default 4) or ``'moe'`` (FFN blocks; take
             ``num_experts``, ``top_k``, ``layers``; see :func:`padnet.convert.moe.dynamize_moe`).
         include: fnmatch patterns of qualified module names to convert (all other candidates
-            stay static); by default every candidate but the stem of a CNN.
+            stay static); by default the placement of the module docstring.
         exclude: patterns of names to leave static.
         init: ``'copy'`` (function-preserving), ``'copy_noise'`` (copies plus Gaussian noise of
             relative std ``copy_noise_std``) or ``'kaiming'`` (random).
@@ -59,8 +80,9 @@ def dynamize(
             ``dynamic_ratio``, ``scale_mode``, ``path``, ``temperature``, ``reduction``, ...).
 
     The :class:`~padnet.convert.report.ConversionReport` is kept as ``model.padnet_report``.
-    Raises ValueError for an unknown method or init, a pattern that matches nothing, or an
-    explicitly named module that cannot be converted.
+    Raises ValueError for an unknown method or init, a pattern that matches nothing, an
+    explicitly named module that cannot be converted, or a selected module that cannot be
+    replaced without changing the function (the model is then unchanged).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

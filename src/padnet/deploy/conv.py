@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from padnet.deploy.compact import blank_mask_bits, pack, unpack
 from padnet.layers.odconv import ODConv2d, attention_tensor
-from padnet.layers.pad_conv import PadConv2d
+from padnet.layers.pad_conv import PadConv2d, dynamic_same_pad4
 from padnet.layers.routing import ConvRouter, ODAttention, ODConvRouter
 from padnet.ops.conv import (
     aggregate_weights,
@@ -91,7 +91,9 @@ class DeployedConv2d(nn.Module):
         self.in_channels, self.out_channels = s["in_channels"], s["out_channels"]
         self.kernel_size, self.stride = tuple(s["kernel_size"]), tuple(s["stride"])
         self.dilation, self.groups = tuple(s["dilation"]), s["groups"]
-        self.pad4, self.padding_mode = tuple(s["pad4"]), s["padding_mode"]
+        # pad4 None: padding="dynamic_same", resolved per input size
+        self.pad4 = None if s["pad4"] is None else tuple(s["pad4"])
+        self.padding_mode = s["padding_mode"]
         self.num_kernels, self.routing = s["num_kernels"], s["routing"]
         self.path = s.get("path", "auto")
         self.router = _router_from_spec(s)
@@ -132,7 +134,8 @@ class DeployedConv2d(nn.Module):
         spec = {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
                 "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
                 "dilation": list(layer.dilation), "groups": layer.groups,
-                "pad4": list(layer._pad4), "padding_mode": layer.padding_mode,
+                "pad4": None if layer._pad4 is None else list(layer._pad4),
+                "padding_mode": layer.padding_mode,
                 "num_kernels": layer.num_kernels, "bias": layer.bias is not None,
                 "routing": "odconv" if odconv else layer.router.activation,
                 "router_hidden": hidden, "num_dynamic": int(mask.sum()), "path": path}
@@ -196,9 +199,11 @@ class DeployedConv2d(nn.Module):
                              f"H, W), got {tuple(x.shape)}")
         routing = self.router(x)
         kernel_routing = routing.kernel if isinstance(routing, ODAttention) else routing
-        xp, conv_pad = pad_input(x, self.pad4, self.padding_mode)
+        pad4 = self.pad4 if self.pad4 is not None else dynamic_same_pad4(
+            *x.shape[-2:], self.kernel_size, self.stride, self.dilation)
+        xp, conv_pad = pad_input(x, pad4, self.padding_mode)
         geometry = (self.stride, conv_pad, self.dilation)
-        area = output_area(*x.shape[-2:], self.pad4, self.kernel_size, self.stride,
+        area = output_area(*x.shape[-2:], pad4, self.kernel_size, self.stride,
                            self.dilation)
         if self.mode == "static":
             y = F.conv2d(xp, self.static_kernel, None, *geometry, self.groups)

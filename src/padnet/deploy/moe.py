@@ -5,7 +5,8 @@ The scale factors and masks are folded: each expert's effective weights
 like a plain MoE with those experts (the static part joins each expert's weight once, at load
 time, as the training form's ``fold`` path does at every step). Stored is the compact form of
 :mod:`padnet.deploy.compact`: ``lam_s (1 - M) W_s`` at the static positions and ``lam_d M W_e``
-at the dynamic ones, per matrix.
+at the dynamic ones, per matrix. Gated MoE layers (``spec['gated']``, docs/method.md §2.3) store
+their third matrix ``w3`` (the up projection) the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from padnet.ops import routing as rt
 __all__ = ["DeployedMoE"]
 
 _MATRICES = ("w1", "w2")
+_GATED_MATRICES = ("w1", "w2", "w3")
 
 
 class DeployedMoE(nn.Module):
@@ -32,7 +34,8 @@ class DeployedMoE(nn.Module):
 
     ``DeployedMoE(spec, activation=None)`` makes an empty one for loading a state dict (the
     effective expert weights are derived once, when it is loaded); the activation comes from
-    ``spec['activation']`` (a name of ``ACTIVATIONS``) unless given.
+    ``spec['activation']`` (a name of ``ACTIVATIONS``) unless given; ``spec['gated']`` (False
+    when absent) selects gated experts.
     ``forward(x (..., hidden), padding_mask=None) -> (..., hidden)``; ``aux_loss`` stays None.
     """
 
@@ -43,6 +46,8 @@ class DeployedMoE(nn.Module):
         h, i, e = s["hidden_size"], s["intermediate_size"], s["num_experts"]
         self.hidden_size, self.intermediate_size, self.num_experts = h, i, e
         self.top_k, self.capacity_factor = s["top_k"], s["capacity_factor"]
+        self.gated = bool(s.get("gated", False))
+        self.matrices = _GATED_MATRICES if self.gated else _MATRICES
         if activation is None:
             if s.get("activation") not in ACTIVATIONS:
                 raise ValueError(f"activation {s.get('activation')!r} is not a known name: "
@@ -50,17 +55,18 @@ class DeployedMoE(nn.Module):
             activation = ACTIVATIONS[s["activation"]]
         self.act = activation
         self.router = nn.Linear(h, e, bias=False)
-        self.shapes = {"w1": (i, h), "w2": (h, i)}
-        for m in _MATRICES:
+        self.shapes = {"w1": (i, h), "w2": (h, i), "w3": (i, h)}
+        for m in self.matrices:
             n, nd = math.prod(self.shapes[m]), s[f"{m}_num_dynamic"]
             self.register_buffer(f"{m}_mask_bits", blank_mask_bits(n, nd))
             self.register_buffer(f"{m}_dynamic_values", torch.zeros(e, nd))
             self.register_buffer(f"{m}_static_values", torch.zeros(n - nd))
         self.register_buffer("b1", torch.zeros(e, i) if s["bias"] else None)
         self.register_buffer("b2", torch.zeros(e, h) if s["bias"] else None)
+        self.register_buffer("b3", torch.zeros(e, i) if s["bias"] and self.gated else None)
         self.padding_mask_hint: Tensor | None = None
         self.aux_loss = None
-        for m in _MATRICES:  # derived by rebuild() once the stored form is filled
+        for m in self.matrices:  # derived by rebuild() once the stored form is filled
             self.register_buffer(f"{m}_effective", None, persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _: module.rebuild())
 
@@ -71,7 +77,7 @@ class DeployedMoE(nn.Module):
         spec = {"hidden_size": layer.hidden_size, "intermediate_size": layer.intermediate_size,
                 "num_experts": layer.num_experts, "top_k": layer.top_k,
                 "capacity_factor": layer.capacity_factor, "bias": layer.b1 is not None,
-                "activation": activation_key(layer.act)}
+                "activation": activation_key(layer.act), "gated": layer.gated}
         stored = {}
         for w in layer.pad_weights():
             mm = w.mode_mask
@@ -81,19 +87,19 @@ class DeployedMoE(nn.Module):
             spec[f"{w.name}_num_dynamic"] = int(mask.sum())
         out = cls(spec, activation=layer.act).to(device=layer.w1.device, dtype=layer.w1.dtype)
         out.router.weight.copy_(layer.router.weight)
-        for m in _MATRICES:
+        for m in out.matrices:
             for key, value in stored[m].items():
                 getattr(out, f"{m}_{key}").copy_(value)
-        if layer.b1 is not None:
-            out.b1.copy_(layer.b1)
-            out.b2.copy_(layer.b2)
+        for b in ("b1", "b2", "b3"):
+            if getattr(out, b) is not None:
+                getattr(out, b).copy_(getattr(layer, b))
         out.rebuild()
         return out.eval()
 
     @torch.no_grad()
     def rebuild(self) -> None:
         """Effective expert weights ``(E, out, in)`` from the stored form (not saved)."""
-        for m in _MATRICES:
+        for m in self.matrices:
             stored = {k: getattr(self, f"{m}_{k}") for k in
                       ("mask_bits", "dynamic_values", "static_values")}
             dynamic, static, _ = unpack(stored, self.shapes[m])
@@ -116,9 +122,10 @@ class DeployedMoE(nn.Module):
         xs = x2.index_select(0, d.token)  # (A, H)
         m1 = (self.w1_effective, None, None, self.b1)
         m2 = (self.w2_effective, None, None, self.b2)
-        y = dsp.grouped_ffn(xs, d, m1, m2, self.act)  # (A, H)
+        m3 = (self.w3_effective, None, None, self.b3) if self.gated else None
+        y = dsp.grouped_ffn(xs, d, m1, m2, self.act, m3=m3)  # (A, H)
         return dsp.combine(y, d, gates, inplace=True).view(x.shape)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
-                f"num_experts={self.num_experts}, top_k={self.top_k}")
+                f"num_experts={self.num_experts}, top_k={self.top_k}, gated={self.gated}")

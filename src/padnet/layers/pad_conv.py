@@ -9,6 +9,11 @@ runs the convolution on one of the execution paths of :mod:`padnet.ops.conv` (do
   sample -- no per-sample kernel at all;
 * ``unfold``: im2col and one batched matrix product.
 
+Padding is what ``nn.Conv2d`` takes (an int, a pair, ``'same'``, ``'valid'``, any
+``padding_mode``) or ``'dynamic_same'``: TensorFlow's "SAME" padding for any stride, computed from
+each input's size (:func:`dynamic_same_pad4`), the behaviour of convolutions that pad in their own
+forward (a timm-style ``Conv2dSame``).
+
 Subclasses provide the routing (:meth:`PadConv2d.route`) and, where the mixing is not a plain
 weighted sum of kernels, their own per-sample kernel (:meth:`PadConv2d.sample_weights`).
 """
@@ -37,11 +42,29 @@ from padnet.ops.conv import (
 )
 from padnet.utils.checks import check_choice, check_int
 
-__all__ = ["INITS", "PadConv2d"]
+__all__ = ["DYNAMIC_SAME", "INITS", "PadConv2d", "dynamic_same_pad4"]
 
 #: How a converted layer starts: a copy of the dense weights (function-preserving), the copy plus
 #: relative noise on the dynamic copies, or a fresh random initialisation.
 INITS = ("copy", "copy_noise", "kaiming")
+
+#: The padding value whose amounts follow each input's size (TensorFlow's "SAME", any stride).
+DYNAMIC_SAME = "dynamic_same"
+
+
+def dynamic_same_pad4(
+    height: int, width: int, kernel_size: tuple[int, int], stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int, int, int]:
+    """``(left, right, top, bottom)`` zero padding of TensorFlow's "SAME" convolution of a
+    ``height x width`` input: ``ceil(n / s)`` outputs along each axis, padding
+    ``max((ceil(n / s) - 1) s + d (k - 1) + 1 - n, 0)`` split evenly, the odd pixel at the end."""
+    totals = []
+    for n, k, s, d in zip((height, width), kernel_size, stride, dilation, strict=True):
+        outputs = -(-n // s)  # ceil(n / s)
+        totals.append(max((outputs - 1) * s + d * (k - 1) + 1 - n, 0))
+    th, tw = totals
+    return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
 
 
 def _positive_pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -90,9 +113,8 @@ class PadConv2d(PadLayer):
         self.kernel_size = _positive_pair(kernel_size, "kernel_size")
         self.stride = _positive_pair(stride, "stride")
         self.dilation = _positive_pair(dilation, "dilation")
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding = padding  # validated by the property setter
         self.padding_mode = padding_mode
-        self._pad4 = resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
         self.num_kernels = num_kernels
         self.path = path  # validated by the property setter
 
@@ -141,6 +163,29 @@ class PadConv2d(PadLayer):
         if self.bias is not None and bias is not None:
             self.bias.copy_((bias * (scale if bias_scale is None else bias_scale)).expand_as(
                 self.bias))
+
+    @property
+    def padding(self) -> str | tuple[int, int]:
+        """Padding: a pair, ``'same'``, ``'valid'`` or ``'dynamic_same'`` (module docstring)."""
+        return self._padding
+
+    @padding.setter
+    def padding(self, value: str | int | tuple[int, int]) -> None:
+        if value == DYNAMIC_SAME:
+            self._padding, self._pad4 = value, None  # resolved per input: pad4_for
+            return
+        if isinstance(value, str) and value not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same', 'valid', {DYNAMIC_SAME!r}, an int or a "
+                             f"pair, got {value!r}")
+        padding = value if isinstance(value, str) else _pair(value)
+        self._pad4 = resolve_padding(padding, self.kernel_size, self.stride, self.dilation)
+        self._padding = padding
+
+    def pad4_for(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """Explicit ``(left, right, top, bottom)`` padding of a ``height x width`` input."""
+        if self._pad4 is not None:
+            return self._pad4
+        return dynamic_same_pad4(height, width, self.kernel_size, self.stride, self.dilation)
 
     @property
     def path(self) -> str:
@@ -195,8 +240,8 @@ class PadConv2d(PadLayer):
 
     def output_area(self, height: int, width: int) -> int:
         """Number of output positions ``H' * W'`` for an input of ``height x width``."""
-        return output_area(height, width, self._pad4, self.kernel_size, self.stride,
-                           self.dilation)
+        return output_area(height, width, self.pad4_for(height, width), self.kernel_size,
+                           self.stride, self.dilation)
 
     def resolve_path(self, batch: int, out_area: int = 1) -> str:
         """The execution path a batch of ``batch`` samples with ``out_area`` outputs runs on."""
@@ -224,7 +269,7 @@ class PadConv2d(PadLayer):
         )
         bias = self.mix_bias(self.kernel_routing(routing))
         self.emit_routing(routing)
-        xp, conv_pad = pad_input(x, self._pad4, self.padding_mode)
+        xp, conv_pad = pad_input(x, self.pad4_for(*x.shape[-2:]), self.padding_mode)
         geometry = (self.stride, conv_pad, self.dilation, self.groups)
         state = self.mode_mask.state()
         if state == "static":  # no dynamic position: one ordinary convolution

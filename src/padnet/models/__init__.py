@@ -6,7 +6,7 @@
     >>> model = create_model("resnet20", num_classes=10)
 """
 
-from padnet.models import mobilenetv2, resnet  # noqa: F401  (registers the builders)
+from padnet.models import hf_vision, mobilenetv2, resnet  # noqa: F401  (registers the builders)
 from padnet.models.mobilenetv2 import InvertedResidual, MobileNetV2
 from padnet.models.pretrained import load_pretrained, pretrained_available
 from padnet.models.registry import create_model, list_models, register_model

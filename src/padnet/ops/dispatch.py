@@ -4,10 +4,10 @@ The (token, slot) assignments chosen by the router are flattened and sorted by e
 so the tokens of each expert form one contiguous block. Expert weights are 3-D tensors
 ``(E, out, in)``. Two grouped-matmul paths: ``'loop'`` runs one matmul per expert on its block
 (a loop over experts, never over tokens), ``'bmm'`` pads every block to the largest one and runs
-one batched matmul. :func:`grouped_ffn` runs whole expert FFNs (the loop path with the
-hand-written backward of :class:`GroupedFFN`); :func:`combine` scatters the expert outputs back
-to their tokens weighted by their gates. Shapes: ``N`` tokens, ``k`` slots per token,
-``A <= N * k`` kept assignments.
+one batched matmul. :func:`grouped_ffn` runs whole expert FFNs, plain or gated (the loop path
+with the hand-written backwards of :class:`GroupedFFN` and :class:`GroupedGatedFFN`);
+:func:`combine` scatters the expert outputs back to their tokens weighted by their gates.
+Shapes: ``N`` tokens, ``k`` slots per token, ``A <= N * k`` kept assignments.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ __all__ = [
     "GROUPED_PATHS",
     "Dispatch",
     "GroupedFFN",
+    "GroupedGatedFFN",
     "combine",
     "grouped_ffn",
     "grouped_linear",
@@ -157,19 +158,24 @@ def grouped_ffn(
     activation: Callable[[Tensor], Tensor],
     *,
     path: str = "loop",
+    m3: Matrix | None = None,
 ) -> Tensor:
     """Expert FFNs ``act(x W1_e^T + b1_e) W2_e^T + b2_e`` on each expert's rows, where
     ``W_e = factor * weight[e] + static`` (see :data:`Matrix`; PAD: ``factor = lam_d * M``,
-    ``static = lam_s (1 - M) W_s``; a 0-dim factor scales the matmul output instead).
+    ``static = lam_s (1 - M) W_s``; a 0-dim factor scales the matmul output instead). With
+    ``m3`` the experts are gated (docs/method.md §2.3):
+    ``(act(x W1_e^T + b1_e) * (x W3_e^T + b3_e)) W2_e^T + b2_e``, ``W1`` the gate, ``W3`` the
+    up projection.
 
     ``'loop'`` never materialises the ``(E, out, in)`` effective weights nor concatenates the
-    ``(A, intermediate)`` activations: each expert block goes through both matrices in one go,
+    ``(A, intermediate)`` activations: each expert block goes through its matrices in one go,
     its effective weight folded just before its matmul (hand-written backward:
-    :class:`GroupedFFN`). ``'bmm'`` folds all weights and runs padded batched matmuls.
+    :class:`GroupedFFN`, :class:`GroupedGatedFFN`). ``'bmm'`` folds all weights and runs padded
+    batched matmuls.
 
     Args:
-        x: ``(A, H)`` rows sorted by expert; ``m1`` with weight ``(E, I, H)``, ``m2`` with
-        weight ``(E, H, I)``.
+        x: ``(A, H)`` rows sorted by expert; ``m1`` (and ``m3``) with weight ``(E, I, H)``,
+        ``m2`` with weight ``(E, H, I)``.
     Returns:
         ``(A, H)``.
     """
@@ -179,17 +185,22 @@ def grouped_ffn(
     if path == "bmm":
         row, cap = _padded_rows(dispatch, x.device)
         (w1, f1, s1, b1), (w2, f2, s2, b2) = m1, m2
-        pre = _bmm(_pad(x, row, w1.shape[0], cap), _fold_all(w1, f1, s1), b1)
-        out = _bmm(activation(pre), _fold_all(w2, f2, s2), b2)
+        xp = _pad(x, row, w1.shape[0], cap)  # (E, C, H)
+        hid = activation(_bmm(xp, _fold_all(w1, f1, s1), b1))  # (E, C, I)
+        if m3 is not None:
+            w3, f3, s3, b3 = m3
+            hid = hid * _bmm(xp, _fold_all(w3, f3, s3), b3)
+        out = _bmm(hid, _fold_all(w2, f2, s2), b2)
         return out.reshape(-1, w2.shape[1]).index_select(0, row)
-    tensors = (*m1, *m2)
+    tensors = (*m1, *m2) if m3 is None else (*m1, *m2, *m3)
     act_params = tuple(p for p in activation.parameters() if p.requires_grad) \
         if isinstance(activation, torch.nn.Module) else ()
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, *tensors, *act_params)):
-        return GroupedFFN.apply(x, *tensors, dispatch.counts, activation, *act_params)
+        fn = GroupedFFN if m3 is None else GroupedGatedFFN
+        return fn.apply(x, *tensors, dispatch.counts, activation, *act_params)
     with torch.no_grad():
-        return _ffn_loop(x, m1, m2, dispatch.counts, activation)[0]
+        return _ffn_loop(x, m1, m2, dispatch.counts, activation, m3=m3)[0]
 
 
 def _fold_all(w: Tensor, f: Tensor | None, s: Tensor | None) -> Tensor:
@@ -219,15 +230,23 @@ def _affine(x: Tensor, w: Tensor, b: Tensor | None, alpha: float, out: Tensor) -
     return torch.addmm(b, x, w.t(), alpha=alpha, out=out)
 
 
+def _expert_affine(x: Tensor, m: Matrix, e: int, out: Tensor) -> Tensor:
+    """``out = x @ W_e(eff)^T + b_e`` for expert ``e`` of matrix ``m``."""
+    w, alpha = _expert_weight(m, e)
+    return _affine(x, w, None if m[3] is None else m[3][e], alpha, out)
+
+
 def _ffn_loop(
     x: Tensor, m1: Matrix, m2: Matrix, counts: list[int],
-    activation: Callable[[Tensor], Tensor], keep_pre: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """Forward of the loop path (no autograd): outputs ``(A, H)`` written in place, and the
-    pre-activations ``(A, I)`` when ``keep_pre`` (for the backward)."""
+    activation: Callable[[Tensor], Tensor], keep_pre: bool = False, m3: Matrix | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Forward of the loop path (no autograd): outputs ``(A, H)`` written in place, and, when
+    ``keep_pre`` (for the backward), the pre-activations ``(A, I)`` and, gated, the up
+    projections ``(A, I)``."""
     inter = m1[0].shape[1]
     out = x.new_empty(x.shape[0], m2[0].shape[1])
     pre_all = x.new_empty(x.shape[0], inter) if keep_pre else None
+    up_all = x.new_empty(x.shape[0], inter) if keep_pre and m3 is not None else None
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -235,11 +254,12 @@ def _ffn_loop(
         rows = slice(start, start + n)
         start += n
         pre = pre_all[rows] if pre_all is not None else x.new_empty(n, inter)
-        w, alpha = _expert_weight(m1, e)
-        _affine(x[rows], w, None if m1[3] is None else m1[3][e], alpha, pre)
-        w, alpha = _expert_weight(m2, e)
-        _affine(activation(pre), w, None if m2[3] is None else m2[3][e], alpha, out[rows])
-    return out, pre_all
+        hid = activation(_expert_affine(x[rows], m1, e, pre))
+        if m3 is not None:
+            up = up_all[rows] if up_all is not None else x.new_empty(n, inter)
+            hid = hid * _expert_affine(x[rows], m3, e, up)  # not in place: hid may be pre
+        _expert_affine(hid, m2, e, out[rows])
+    return out, pre_all, up_all
 
 
 def _accumulate(g: Tensor, w: Tensor, f: Tensor | None, gf: Tensor | None,
@@ -252,6 +272,101 @@ def _accumulate(g: Tensor, w: Tensor, f: Tensor | None, gf: Tensor | None,
             gf += torch.dot(g.reshape(-1), w.reshape(-1))
         else:
             gf.addcmul_(g, w)
+
+
+class _MatrixGrads:
+    """The gradient buffers of one :data:`Matrix` (weight, factor, static, bias), filled one
+    expert at a time from ``dL/dW_e(eff)`` and ``dL/db_e``."""
+
+    def __init__(self, m: Matrix, has_bias: bool, need: tuple[bool, ...]) -> None:
+        w, f, s, _ = m
+        self.m = m
+        self.w = torch.empty_like(w)
+        self.f = torch.zeros_like(f) if f is not None and need[1] else None
+        self.s = torch.zeros_like(s) if s is not None and need[2] else None
+        self.b = w.new_zeros(w.shape[:2]) if has_bias else None
+
+    def skip(self, e: int) -> None:
+        """An expert without tokens: zero gradient."""
+        self.w[e].zero_()
+
+    def add(self, e: int, g_out: Tensor, inp: Tensor) -> None:
+        """Expert ``e`` computed ``g_out``-receiving outputs ``inp @ W_e(eff)^T + b_e``."""
+        w, f = self.m[0], self.m[1]
+        torch.mm(g_out.t(), inp, out=self.w[e])  # dL/dW_e(eff), made dL/dw_e in finish()
+        _accumulate(self.w[e], w[e], f, self.f, self.s)
+        if self.b is not None:
+            torch.sum(g_out, 0, out=self.b[e])
+
+    def finish(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        f = self.m[1]  # dL/dw_e = factor * dL/dW_e(eff)
+        if f is not None and (f.dim() > 0 or float(f) != 1.0):
+            self.w.mul_(f)
+        return self.w, self.f, self.s, self.b
+
+
+def _grouped_backward(ctx, grad_out: Tensor, gated: bool) -> tuple:  # noqa: ANN001
+    """Backward of :class:`GroupedFFN` and :class:`GroupedGatedFFN`: gradients of ``x``, of the
+    4 tensors of each matrix (``m1``, ``m2``, then ``m3`` when gated) and of the activation's
+    parameters."""
+    x, pre_all, up_all, *saved = ctx.saved_tensors
+    counts, activation, has_bias = ctx.meta
+    mats = [tuple(saved[3 * j:3 * j + 3]) + (None,) for j in range(3 if gated else 2)]
+    need = ctx.needs_input_grad
+    grads = [_MatrixGrads(m, has_bias[j], need[1 + 4 * j:5 + 4 * j])
+             for j, m in enumerate(mats)]
+    m1, m2, m3 = mats[0], mats[1], mats[2] if gated else None
+    gx = torch.empty_like(x) if need[0] else None
+    params = ctx.act_params
+    g_params = [torch.zeros_like(p) for p in params]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            for g in grads:
+                g.skip(e)
+            continue
+        rows = slice(start, start + n)
+        start += n
+        go, xe = grad_out[rows], x[rows]
+        with torch.enable_grad():
+            pre = pre_all[rows].detach().requires_grad_()
+            act = activation(pre)
+        hid = act.detach() if up_all is None else act.detach() * up_all[rows]
+        grads[1].add(e, go, hid)
+        w, alpha = _expert_weight(m2, e)
+        g_hid = torch.mm(go, w)
+        g_hid = g_hid if alpha == 1.0 else g_hid.mul_(alpha)
+        g_up = None
+        if up_all is not None:  # hid = act * up
+            g_up = g_hid * act.detach()
+            g_hid.mul_(up_all[rows])
+        g_pre, *g_act = torch.autograd.grad(act, (pre, *params), g_hid, allow_unused=True)
+        for acc, g in zip(g_params, g_act, strict=True):
+            if g is not None:
+                acc += g
+        grads[0].add(e, g_pre, xe)
+        if g_up is not None:
+            grads[2].add(e, g_up, xe)
+        if gx is not None:
+            w, alpha = _expert_weight(m1, e)
+            _affine(g_pre, w.t(), None, alpha, gx[rows])
+            if g_up is not None:
+                w, alpha = _expert_weight(m3, e)
+                gx[rows].addmm_(g_up, w, alpha=alpha)
+    out = [gx]
+    for g in grads:
+        out.extend(g.finish())
+    return (*out, None, None, *g_params)
+
+
+def _grouped_forward(ctx, x: Tensor, mats: list[Matrix], counts: list[int],  # noqa: ANN001
+                     activation: Callable[[Tensor], Tensor], act_params: tuple) -> Tensor:
+    m3 = mats[2] if len(mats) == 3 else None
+    out, pre, up = _ffn_loop(x, mats[0], mats[1], counts, activation, keep_pre=True, m3=m3)
+    ctx.save_for_backward(x, pre, up, *(t for m in mats for t in m[:3]))
+    ctx.act_params = act_params
+    ctx.meta = (counts, activation, [m[3] is not None for m in mats])
+    return out
 
 
 class GroupedFFN(torch.autograd.Function):
@@ -269,66 +384,31 @@ class GroupedFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, f1, s1, b1, w2, f2, s2, b2, counts, activation,  # noqa: ANN001
                 *act_params):
-        m1, m2 = (w1, f1, s1, b1), (w2, f2, s2, b2)
-        out, pre = _ffn_loop(x, m1, m2, counts, activation, keep_pre=True)
-        ctx.save_for_backward(x, w1, f1, s1, w2, f2, s2, pre)
-        ctx.act_params = act_params
-        ctx.meta = (counts, activation, b1 is not None, b2 is not None)
-        return out
+        mats = [(w1, f1, s1, b1), (w2, f2, s2, b2)]
+        return _grouped_forward(ctx, x, mats, counts, activation, act_params)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: ANN001
-        x, w1, f1, s1, w2, f2, s2, pre_all = ctx.saved_tensors
-        counts, activation, has_b1, has_b2 = ctx.meta
-        m1, m2 = (w1, f1, s1, None), (w2, f2, s2, None)
-        need = ctx.needs_input_grad
+        return _grouped_backward(ctx, grad_out, gated=False)
 
-        def zeros(t: Tensor | None, i: int) -> Tensor | None:
-            return torch.zeros_like(t) if t is not None and need[i] else None
 
-        gx = torch.empty_like(x) if need[0] else None
-        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
-        gf1, gs1, gf2, gs2 = zeros(f1, 2), zeros(s1, 3), zeros(f2, 6), zeros(s2, 7)
-        gb1 = w1.new_zeros(w1.shape[:2]) if has_b1 else None
-        gb2 = w2.new_zeros(w2.shape[:2]) if has_b2 else None
-        params = ctx.act_params
-        g_params = [torch.zeros_like(p) for p in params]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:  # an expert without tokens: zero gradient
-                gw1[e].zero_()
-                gw2[e].zero_()
-                continue
-            rows = slice(start, start + n)
-            start += n
-            go = grad_out[rows]
-            with torch.enable_grad():
-                pre = pre_all[rows].detach().requires_grad_()
-                hid = activation(pre)
-            torch.mm(go.t(), hid.detach(), out=gw2[e])  # dL/dW2_e(eff), made dL/dw2_e below
-            _accumulate(gw2[e], w2[e], f2, gf2, gs2)
-            if gb2 is not None:
-                torch.sum(go, 0, out=gb2[e])
-            w, alpha = _expert_weight(m2, e)
-            g_hid = torch.mm(go, w)
-            g_pre, *g_act = torch.autograd.grad(
-                hid, (pre, *params), g_hid if alpha == 1.0 else g_hid.mul_(alpha),
-                allow_unused=True)
-            for acc, g in zip(g_params, g_act, strict=True):
-                if g is not None:
-                    acc += g
-            torch.mm(g_pre.t(), x[rows], out=gw1[e])
-            _accumulate(gw1[e], w1[e], f1, gf1, gs1)
-            if gb1 is not None:
-                torch.sum(g_pre, 0, out=gb1[e])
-            if gx is not None:
-                w, alpha = _expert_weight(m1, e)
-                _affine(g_pre, w.t(), None, alpha, gx[rows])
-        for g, f in ((gw1, f1), (gw2, f2)):  # dL/dw_e = factor * dL/dW_e(eff)
-            if f is not None and (f.dim() > 0 or float(f) != 1.0):
-                g.mul_(f)
-        return gx, gw1, gf1, gs1, gb1, gw2, gf2, gs2, gb2, None, None, *g_params
+class GroupedGatedFFN(torch.autograd.Function):
+    """:class:`GroupedFFN` for gated experts: inputs ``x``, the 4 tensors of the gate matrix
+    ``m1``, of the down matrix ``m2`` and of the up matrix ``m3``, then ``counts``,
+    ``activation`` and the activation's trainable parameters. Saved for the backward: the gate
+    pre-activations and the up projections, ``(A, I)`` each."""
+
+    @staticmethod
+    def forward(ctx, x, w1, f1, s1, b1, w2, f2, s2, b2, w3, f3, s3, b3,  # noqa: ANN001
+                counts, activation, *act_params):
+        mats = [(w1, f1, s1, b1), (w2, f2, s2, b2), (w3, f3, s3, b3)]
+        return _grouped_forward(ctx, x, mats, counts, activation, act_params)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: ANN001
+        return _grouped_backward(ctx, grad_out, gated=True)
 
 
 def combine(y: Tensor, dispatch: Dispatch, gates: Tensor, *, inplace: bool = False) -> Tensor:
