@@ -272,3 +272,14 @@ def test_padnet_train_refuses_a_converted_directory(tmp_path):
                                  "dataset": "csv"})
     with pytest.raises(ValueError, match="converted by padnet.*from_pretrained"):
         build_base_model(cfg, num_classes=2)
+
+
+def test_dynamize_alone_lets_save_pretrained_round_trip(tmp_path):
+    model = tiny_bert().eval()  # a plain transformers model
+    padnet.dynamize(model, "moe", num_experts=4, top_k=2)
+    assert model.config.padnet == conversion_record(model)
+    model.save_pretrained(tmp_path)  # transformers' own call, nothing from padnet
+    back = padnet.from_pretrained(tmp_path)
+    batch = token_batch()
+    with torch.no_grad():
+        assert torch.equal(back(**batch).logits, model(**batch).logits)

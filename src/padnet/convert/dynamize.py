@@ -52,6 +52,15 @@ def _patterns(value: str | Iterable[str] | None, name: str) -> list[str] | None:
     return pats
 
 
+def _is_transformers_model(model: nn.Module) -> bool:
+    """A ``transformers`` PreTrainedModel, told without importing transformers."""
+    config = getattr(model, "config", None)
+    return config is not None and any(
+        c.__module__.startswith("transformers.")
+        and c.__name__ in ("PretrainedConfig", "PreTrainedConfig")
+        for c in type(config).__mro__)
+
+
 def dynamize(
     model: nn.Module,
     method: str = "dyconv",
@@ -80,6 +89,10 @@ def dynamize(
             ``dynamic_ratio``, ``scale_mode``, ``path``, ``temperature``, ``reduction``, ...).
 
     The :class:`~padnet.convert.report.ConversionReport` is kept as ``model.padnet_report``.
+    A Hugging Face model also gets its conversion record in ``model.config`` (see
+    :func:`padnet.integrations.hf_io.attach_record`), so ``model.save_pretrained(dir)`` and
+    ``padnet.from_pretrained(dir)`` round-trip it; call ``attach_record`` again after changing
+    scale modes by hand.
     Raises ValueError for an unknown method or init, a pattern that matches nothing, an
     explicitly named module that cannot be converted, or a selected module that cannot be
     replaced without changing the function (the model is then unchanged).
@@ -93,6 +106,10 @@ def dynamize(
                      exclude=_patterns(exclude, "exclude"), init=init,
                      copy_noise_std=copy_noise_std, **method_kwargs)
     model.padnet_report = report  # plain attribute, not a submodule
+    if _is_transformers_model(model):  # save_pretrained then carries the conversion record
+        from padnet.integrations.hf_io import attach_record
+
+        attach_record(model)
     if verbose:
         print(report)
     return model
