@@ -23,6 +23,7 @@ from padnet.cli import (
     list_cmd,
     partition_cmd,
     sweep_cmd,
+    tradeoff_cmd,
     train_cmd,
 )
 from padnet.cli.options import (
@@ -35,7 +36,7 @@ from padnet.cli.options import (
 )
 
 COMMANDS = (list_cmd, convert_cmd, train_cmd, eval_cmd, export_cmd, partition_cmd, bench_cmd,
-            compare_cmd, sweep_cmd)
+            compare_cmd, sweep_cmd, tradeoff_cmd)
 #: errors the user fixes (status 2): bad values, missing or damaged files, missing packages
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ImportError)
 

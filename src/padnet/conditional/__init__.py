@@ -1,8 +1,16 @@
-"""Conditional computation beyond dynamic parameters (docs/method.md §6): early exits,
-token selection and token merging."""
+"""Conditional computation beyond dynamic parameters (docs/method.md §6.1): early exits,
+token selection and token merging; :mod:`padnet.conditional.tradeoff` sweeps their settings
+for accuracy against FLOPs and latency."""
 
 from padnet.conditional.backbones import ClsHead, PoolHead
-from padnet.conditional.criteria import Entropy, ExitCriterion, MaxProbability, Patience
+from padnet.conditional.criteria import (
+    CRITERIA,
+    Entropy,
+    ExitCriterion,
+    MaxProbability,
+    Patience,
+    make_criterion,
+)
 from padnet.conditional.exits import (
     EarlyExitModel,
     ExitOutput,
@@ -15,6 +23,8 @@ from padnet.conditional.tokens import (
     LayerTokens,
     TokenReport,
     bipartite_merge,
+    bypass_tokens,
+    eager_attention,
     merge_tokens,
     proportional_attention,
     select_tokens,
@@ -23,6 +33,7 @@ from padnet.conditional.tokens import (
 )
 
 __all__ = [
+    "CRITERIA",
     "ClsHead",
     "EarlyExitModel",
     "Entropy",
@@ -36,9 +47,12 @@ __all__ = [
     "TokenReport",
     "add_exits",
     "bipartite_merge",
+    "bypass_tokens",
+    "eager_attention",
     "exit_decisions",
     "exit_loss",
     "exit_report",
+    "make_criterion",
     "merge_tokens",
     "proportional_attention",
     "select_tokens",

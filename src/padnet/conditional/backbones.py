@@ -17,13 +17,15 @@ segment boundary cuts through (MobileNetV2's ``features``, BERT's ``encoder``) d
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["Backbone", "ClsHead", "PoolHead", "TextState", "backbone_for"]
+__all__ = ["Backbone", "ClsHead", "PoolHead", "TextState", "backbone_for", "padding_hints"]
 
 
 class PoolHead(nn.Module):
@@ -53,6 +55,25 @@ class ClsHead(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         pooled = torch.tanh(self.dense(hidden[:, 0]))  # (B, hidden)
         return self.classifier(self.dropout(pooled))
+
+
+@contextlib.contextmanager
+def padding_hints(module: nn.Module, valid: Tensor | None) -> Iterator[None]:
+    """While active, every submodule of ``module`` that takes a padding-mask hint (an attribute
+    ``padding_mask_hint``: padnet's MoE layers, trained or deployed) gets ``valid`` ``(B, T)``
+    (nonzero = token), so that padding stays out of its routing statistics and auxiliary loss
+    when the layers run on other sequences than the host model's input (a segment of an
+    early-exit model, the selected or merged tokens of a layer). The previous hints are
+    restored afterwards."""
+    holders = [m for m in module.modules() if hasattr(m, "padding_mask_hint")]
+    saved = [m.padding_mask_hint for m in holders]
+    for m in holders:
+        m.padding_mask_hint = valid
+    try:
+        yield
+    finally:
+        for m, hint in zip(holders, saved, strict=True):
+            m.padding_mask_hint = hint
 
 
 class TextState(NamedTuple):
@@ -237,6 +258,7 @@ class BertBackbone(Backbone):
         if getattr(encoder.config, "is_decoder", False):
             raise ValueError("early exits need a bidirectional encoder; this BERT has "
                              "config.is_decoder=True")
+        _refuse_merging(encoder)
         super().__init__([f"{self.prefix}encoder.layer.{i}"
                           for i in range(len(encoder.encoder.layer))])
 
@@ -264,6 +286,7 @@ class BertBackbone(Backbone):
         if (ids is None) == (embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, H)")
         encoder = self.encoder_model(model)
+        _refuse_merging(encoder)  # merge_tokens may have run on the host after add_exits
         hidden = encoder.embeddings(input_ids=ids, token_type_ids=inputs.get("token_type_ids"),
                                     position_ids=inputs.get("position_ids"),
                                     inputs_embeds=embeds)  # (B, T, H)
@@ -281,7 +304,9 @@ class BertBackbone(Backbone):
         additive = _layer_mask(encoder, state)
         hidden = state.hidden
         for unit in units:
-            out = model.get_submodule(unit)(hidden, additive)
+            layer = model.get_submodule(unit)
+            with padding_hints(layer, state.mask):  # the host's own mask hook does not run
+                out = layer(hidden, additive)
             hidden = out[0] if isinstance(out, tuple) else out  # older transformers: tuples
         return TextState(hidden, state.mask)
 
@@ -315,6 +340,16 @@ def _is_bert_encoder(model: Any) -> bool:
     return (isinstance(model, nn.Module) and hasattr(model, "embeddings")
             and hasattr(model, "config") and isinstance(getattr(encoder, "layer", None),
                                                         nn.ModuleList))
+
+
+def _refuse_merging(encoder: nn.Module) -> None:
+    """ValueError for an encoder whose layers merge tokens (``merge_tokens``): merged
+    sequences are shorter than the attention mask an exit carries, and the merge state would
+    not follow a batch that shrinks as samples exit."""
+    if any(getattr(layer, "merge_state", None) is not None for layer in encoder.encoder.layer):
+        raise ValueError("early exits cannot be combined with token merging (merge_tokens): "
+                         "use token selection (select_tokens) with early exits, or merging "
+                         "without them")
 
 
 def _layer_mask(encoder: nn.Module, state: TextState) -> Tensor | None:

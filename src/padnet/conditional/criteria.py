@@ -33,7 +33,8 @@ from torch import Tensor
 
 from padnet.utils.checks import check_int, check_number
 
-__all__ = ["Entropy", "ExitCriterion", "MaxProbability", "Patience", "check_decision"]
+__all__ = ["CRITERIA", "DEFAULT_THRESHOLDS", "Entropy", "ExitCriterion", "MaxProbability",
+           "Patience", "check_decision", "criterion_record", "make_criterion"]
 
 
 @runtime_checkable
@@ -127,3 +128,34 @@ class Patience:
     def __repr__(self) -> str:
         return f"Patience(patience={self.patience})"
 
+
+
+#: the criteria by name (the config key ``exit_criterion``, the ``padnet tradeoff`` sweep)
+CRITERIA: dict[str, type] = {"max_prob": MaxProbability, "entropy": Entropy,
+                             "patience": Patience}
+#: the threshold of each criterion when none is given
+DEFAULT_THRESHOLDS: dict[str, float] = {"max_prob": 0.9, "entropy": 0.5, "patience": 2}
+
+
+def make_criterion(name: str, threshold: float | None = None) -> ExitCriterion:
+    """The criterion called ``name`` (:data:`CRITERIA`) at ``threshold`` (the probability,
+    the entropy in nats, or the patience, an integer >= 1); :data:`DEFAULT_THRESHOLDS` when
+    None."""
+    if name not in CRITERIA:
+        raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {name!r}")
+    value = DEFAULT_THRESHOLDS[name] if threshold is None else threshold
+    if name == "patience":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return Patience(check_int(value, "patience", 1))
+    return CRITERIA[name](value)
+
+
+def criterion_record(criterion: object) -> dict | None:
+    """``{"name": ..., "threshold": ...}`` of a criterion :func:`make_criterion` can rebuild,
+    None for any other (or None)."""
+    for name, cls in CRITERIA.items():
+        if type(criterion) is cls:
+            value = criterion.patience if name == "patience" else criterion.threshold
+            return {"name": name, "threshold": value}
+    return None

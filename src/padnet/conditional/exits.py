@@ -165,6 +165,15 @@ class EarlyExitModel(nn.Module):
             outputs.append(self._head(i, state))
         return tuple(outputs)
 
+    def final_logits(self, *args: Any, **kwargs: Any) -> Tensor:
+        """The final exit's logits ``(B, num_classes)`` alone: the whole network without the
+        intermediate heads (the model that early exits are compared with). Inputs as in
+        :meth:`forward`."""
+        state = self._plan.prepare(self.backbone, *args, **kwargs)
+        for units in self._segments:
+            state = self._plan.run(self.backbone, units, state)
+        return self._head(len(self._segments) - 1, state)
+
     def infer(self, *args: Any, criterion: ExitCriterion | None = None,
               **kwargs: Any) -> ExitOutput:
         """Early-exit inference on a batch (inputs as in :meth:`forward`).
@@ -201,9 +210,22 @@ class EarlyExitModel(nn.Module):
         ``attn_implementation='sdpa'`` (use ``'eager'`` to count the attention products).
         Returns ``(segments, heads)``, one entry per exit; segment 0 includes the input
         preparation (stem, embeddings)."""
+        args, kwargs = _first_sample(args), {k: _first_sample(v) for k, v in kwargs.items()}
+        segments, heads, _ = self._count_flops(args, kwargs)
+        return segments, heads
+
+    @torch.no_grad()
+    def batch_exit_flops(self, *args: Any, **kwargs: Any) -> tuple[list[float], list[float]]:
+        """As :meth:`exit_flops`, but every segment and head runs on the whole batch and the
+        counts are divided by its size: FLOPs per sample as the batch computes them (for text,
+        at the batch's padded length; with token selection, at the batch's widest selection)."""
+        segments, heads, batch = self._count_flops(args, kwargs)
+        return [f / batch for f in segments], [f / batch for f in heads]
+
+    def _count_flops(self, args: tuple, kwargs: dict) -> tuple[list[int], list[int], int]:
+        """Segment and head FLOPs of one full pass over the given batch, and its size."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        args, kwargs = _first_sample(args), {k: _first_sample(v) for k, v in kwargs.items()}
         segments, heads = [], []
         state = None
         for i, units in enumerate(self._segments):
@@ -215,7 +237,7 @@ class EarlyExitModel(nn.Module):
             with FlopCounterMode(display=False) as counter:
                 self._head(i, state)
             heads.append(int(counter.get_total_flops()))
-        return segments, heads
+        return segments, heads, self._plan.batch_size(state)
 
 
 def _first_sample(value: Any) -> Any:
@@ -321,7 +343,7 @@ def _check_exit_logits(all_logits: Any) -> None:
 
 def exit_loss(all_logits: Sequence[Tensor], targets: Tensor, *,
               weights: Sequence[float] | None = None, distill: float = 0.0,
-              temperature: float = 1.0) -> Tensor:
+              temperature: float = 1.0, label_smoothing: float = 0.0) -> Tensor:
     """Joint loss of every exit (module docstring): weighted cross-entropies, where the
     intermediate exits may also learn from the last one (KL at ``temperature``, scaled by
     ``temperature**2``; the teacher is detached).
@@ -333,6 +355,8 @@ def exit_loss(all_logits: Sequence[Tensor], targets: Tensor, *,
             normalised.
         distill: ``alpha`` in [0, 1]; 0 = cross-entropy only.
         temperature: ``T`` > 0.
+        label_smoothing: in [0, 1), applied to every cross-entropy term (as
+            ``F.cross_entropy(..., label_smoothing=...)``), not to the distillation term.
     Returns a 0-dim tensor.
     """
     _check_exit_logits(all_logits)
@@ -345,12 +369,15 @@ def exit_loss(all_logits: Sequence[Tensor], targets: Tensor, *,
     temp = check_number(temperature, "temperature", minimum=0.0, strict=True)
     if math.isinf(temp):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    smooth = check_number(label_smoothing, "label_smoothing", minimum=0.0)
+    if smooth >= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     last = all_logits[-1].float()
     teacher = F.log_softmax(last.detach() / temp, dim=-1)  # (B, C)
-    total = weights[-1] * F.cross_entropy(last, targets)
+    total = weights[-1] * F.cross_entropy(last, targets, label_smoothing=smooth)
     for w, logits in zip(weights[:-1], all_logits[:-1], strict=True):
         logits = logits.float()
-        term = F.cross_entropy(logits, targets)
+        term = F.cross_entropy(logits, targets, label_smoothing=smooth)
         if alpha > 0:
             student = F.log_softmax(logits / temp, dim=-1)
             kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")

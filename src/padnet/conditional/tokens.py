@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from padnet.conditional.backbones import padding_hints
 from padnet.convert.report import ConversionEntry, ConversionReport
 from padnet.utils.checks import check_choice, check_int, check_number
 
@@ -80,7 +81,10 @@ __all__ = [
     "LayerTokens",
     "TokenReport",
     "bipartite_merge",
+    "bypass_tokens",
+    "eager_attention",
     "find_encoder_layers",
+    "layer_token_mode",
     "merge_tokens",
     "proportional_attention",
     "select_tokens",
@@ -353,6 +357,14 @@ def _patch(layer: nn.Module, mixin: type) -> None:
     layer.token_stats = None
 
 
+def layer_token_mode(layer: nn.Module) -> str | None:
+    """``'select'`` for a layer patched by :func:`select_tokens`, ``'merge'`` for one patched
+    by :func:`merge_tokens`, else None."""
+    if isinstance(layer, _SelectMixin):
+        return "select"
+    return "merge" if isinstance(layer, _MergeMixin) else None
+
+
 def _first(output: Any) -> tuple[Tensor, tuple | None]:
     return (output[0], tuple(output[1:])) if isinstance(output, tuple) else (output, None)
 
@@ -384,7 +396,8 @@ class _SelectMixin(_Patched):
         position_ids = kwargs.get("position_ids")
         if isinstance(position_ids, Tensor) and position_ids.shape[-1] == length:
             kwargs["position_ids"] = position_ids.expand(b, length).gather(1, index)
-        y, rest = _first(self._plain_forward(x_kept, mask, *args, **kwargs))
+        with padding_hints(self, slot_valid):  # MoE layers inside see the kept tokens
+            y, rest = _first(self._plain_forward(x_kept, mask, *args, **kwargs))
         s = scores.gather(1, index)[..., None].to(y.dtype)
         g = 2 * torch.sigmoid(s) if self.gate == "sigmoid" else 1 + (s - s.detach())
         mixed = torch.where(slot_valid[..., None], g * y + (1 - g) * x_kept, x_kept)
@@ -455,7 +468,8 @@ class _MergeMixin(_Patched):
             a, state.size, state.valid, new_index = bipartite_merge(
                 a, metric, state.size, state.valid, self.merge_r, protect_cls=self.protect_cls)
             state.source = new_index.gather(1, state.source)
-        out = self.output(self.intermediate(a), a)
+        with padding_hints(self, state.valid):  # MoE layers inside see the merged tokens
+            out = self.output(self.intermediate(a), a)
         self.token_stats = (tokens_in.detach(), tokens_in.detach(), state.valid.sum().detach())
         if self.merge_index == self.merge_count - 1:
             if self.unmerge:
@@ -557,6 +571,10 @@ def select_tokens(model: nn.Module, layers: Sequence[int] | None = None, keep: f
     return report
 
 
+def _modules(model: Any) -> Iterator[nn.Module]:
+    return model.modules() if isinstance(model, nn.Module) else iter(())
+
+
 def _check_r(r: Any, n: int, max_length: int | None) -> list[int]:
     values = [r] * n if isinstance(r, int) and not isinstance(r, bool) else r
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
@@ -603,7 +621,12 @@ def merge_tokens(model: nn.Module, r: int | Sequence[int] = 0, *, metric: str = 
         ``(max_position_embeddings - 1) // 2`` or a list of the wrong length), a model without
         a BERT-family encoder, or one that selects tokens.
     """
+    from padnet.conditional.exits import EarlyExitModel
+
     metric = check_choice(metric, "metric", METRICS)
+    if any(isinstance(m, EarlyExitModel) for m in _modules(model)):
+        raise ValueError("token merging cannot be combined with early exits (an "
+                         "EarlyExitModel): use select_tokens with early exits")
     name, stack = find_encoder_layers(model)
     config = getattr(stack[0].attention.self, "config", None)
     rs = _check_r(r, len(stack), getattr(config, "max_position_embeddings", None))
@@ -713,6 +736,29 @@ def _eager_attention(model: nn.Module, stack: nn.ModuleList) -> Iterator[None]:
     finally:
         for c, value in saved:
             c._attn_implementation = value
+
+
+def _patched_layers(model: nn.Module) -> tuple[nn.ModuleList, list[nn.Module]]:
+    _, stack = find_encoder_layers(model)
+    return stack, [layer for layer in stack if isinstance(layer, _Patched)]
+
+
+@contextlib.contextmanager
+def bypass_tokens(model: nn.Module) -> Iterator[None]:
+    """While active, the layers of ``model`` patched by :func:`select_tokens` or
+    :func:`merge_tokens` run as the unpatched layers (every token, no gate): the model without
+    its dynamic tokens, for comparison."""
+    with _bypassed(_patched_layers(model)[1]):
+        yield
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """While active, the BERT-family encoder of ``model`` runs transformers' eager attention,
+    whose matrix products ``FlopCounterMode`` counts (it misses those of the fused CPU sdpa
+    kernel). The attention implementation is restored afterwards."""
+    with _eager_attention(model, _patched_layers(model)[0]):
+        yield
 
 
 def _run_counting(model: nn.Module, inputs: Mapping[str, Any]) -> float:

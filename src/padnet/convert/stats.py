@@ -42,10 +42,19 @@ adding a static kernel, pooling) counts zero. The four forms:
 The counts are those of this input: they depend on the batch size where the execution path does
 (``auto`` paths, the deployed convolution's batch-1 path) and, for MoE, on the routing of these
 tokens. Text inputs count per sequence, padding tokens included.
+
+**Conditional computation** (docs/method.md §6.1). For a model with early exits
+(:class:`~padnet.conditional.EarlyExitModel`) the four forms count the training forward, every
+exit head included. What the exits and dynamic tokens save is in ``.conditional``
+(:class:`ConditionalStats`): FLOPs per sample of the model computing everything (the host
+network alone, no exit heads, token patches bypassed) against those of early-exit inference
+with the model's criterion (``model.infer``, the batch shrinking as samples exit) and tokens as
+set, both counted on the whole example batch with eager attention.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from collections.abc import Callable
@@ -65,8 +74,9 @@ from padnet.layers.protocol import PadLayer, find_pad_layers, qualified_name
 from padnet.ops.conv import pad_input
 from padnet.utils.checks import check_choice
 
-__all__ = ["FlopStats", "LayerStats", "ModelStats", "flops", "format_count", "forward_flops",
-           "register_static_equivalent", "static_equivalent", "stats"]
+__all__ = ["ConditionalStats", "FlopStats", "LayerStats", "ModelStats", "conditional_flops",
+           "flops", "format_count", "forward_flops", "register_static_equivalent",
+           "static_equivalent", "stats"]
 
 
 @dataclass
@@ -116,6 +126,8 @@ class ModelStats:
     layers: list[LayerStats] = field(default_factory=list)
     other_params: int = 0  # parameters outside the PAD weights
     flops: FlopStats | None = None  # forward FLOPs per sample, when an example input was given
+    #: what early exits / dynamic tokens save, when the model has them and an input was given
+    conditional: ConditionalStats | None = None
 
     def _sum(self, attr: str) -> int:
         return sum(getattr(layer, attr) for layer in self.layers)
@@ -157,6 +169,8 @@ class ModelStats:
              "total": {k: getattr(self, k) for k in keys}}
         if self.flops is not None:
             d["flops"] = self.flops.to_dict()
+        if self.conditional is not None:
+            d["conditional"] = self.conditional.to_dict()
         return d
 
     def __str__(self) -> str:
@@ -177,7 +191,8 @@ class ModelStats:
         lines = ["  ".join(f.format(c) for f, c in zip(fmt, r, strict=True)) for r in rows]
         rule = "-" * len(lines[0])
         table = "\n".join([lines[0], rule, *lines[1:-2], rule, *lines[-2:]])
-        return table if self.flops is None else f"{table}\n\n{self.flops}"
+        parts = [table, *(str(x) for x in (self.flops, self.conditional) if x is not None)]
+        return "\n\n".join(parts)
 
 
 def stats(model: nn.Module, inputs: Any = None, *, export_path: str = "auto") -> ModelStats:
@@ -187,8 +202,9 @@ def stats(model: nn.Module, inputs: Any = None, *, export_path: str = "auto") ->
     The PAD weights are those the model's PAD layers report (:func:`find_pad_layers`); each
     holds ``K * N`` dynamic and ``N`` static values. ``inputs`` is a batch as the model takes it
     (a tensor, a tuple of positional arguments or a dict of keyword arguments); ``export_path``
-    is the execution path of the exported convolutions. Print the result for a table, or call
-    ``.to_dict()``.
+    is the execution path of the exported convolutions. For a model with early exits or
+    dynamic tokens, ``.conditional`` holds the compute they save on that input
+    (:func:`conditional_flops`). Print the result for a table, or call ``.to_dict()``.
     """
     result = ModelStats()
     pad_weight_params = 0
@@ -203,6 +219,7 @@ def stats(model: nn.Module, inputs: Any = None, *, export_path: str = "auto") ->
     result.other_params = total - pad_weight_params
     if inputs is not None:
         result.flops = flops(model, inputs, export_path=export_path)
+        result.conditional = conditional_flops(model, inputs)
     return result
 
 
@@ -481,3 +498,116 @@ def flops(model: nn.Module, inputs: Any, *, export_path: str = "auto") -> FlopSt
     exported = forward_flops(export(_structural_copy(model), path=export_path, inplace=True),
                              inputs)
     return FlopStats(static / batch, dynamic / batch, pad / batch, exported / batch, batch)
+
+
+# ---- conditional computation -----------------------------------------------------------------
+@dataclass(frozen=True)
+class ConditionalStats:
+    """FLOPs per sample that early exits and dynamic tokens save on one example batch
+    (module docstring, docs/method.md §6.1).
+
+    ``kind``: ``exits``, ``tokens`` or ``exits+tokens``; ``full``: the model computing
+    everything (host network alone, token patches bypassed); ``expected``: early-exit inference
+    with the model's criterion and tokens as set (None for exits without a criterion);
+    ``exit_rates``: fraction of the batch taking each exit, the final one last (None without
+    exits or criterion); ``batch_size``: the example batch.
+    """
+
+    kind: str
+    full: float
+    expected: float | None
+    exit_rates: list[float] | None
+    batch_size: int
+
+    @property
+    def saved_fraction(self) -> float | None:
+        """``1 - expected / full``."""
+        if self.expected is None or not self.full:
+            return None
+        return 1.0 - self.expected / self.full
+
+    @property
+    def speedup(self) -> float | None:
+        """``full / expected`` in FLOPs."""
+        if self.expected is None or not self.expected:
+            return None
+        return self.full / self.expected
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "saved_fraction": self.saved_fraction, "speedup": self.speedup}
+
+    def __str__(self) -> str:
+        head = f"conditional computation ({self.kind}), FLOPs per sample (batch {self.batch_size})"
+        lines = [head, f"  full model          {format_count(self.full)}"]
+        if self.expected is None:
+            lines.append("  expected            - (the early-exit model has no criterion)")
+        else:
+            lines.append(f"  expected            {format_count(self.expected)}  "
+                         f"({100 * (self.saved_fraction or 0.0):.1f}% saved, "
+                         f"x{self.speedup or float('nan'):.2f})")
+        if self.exit_rates is not None:
+            rates = ", ".join(f"{r:.3f}" for r in self.exit_rates)
+            lines.append(f"  exit rates          {rates}")
+        return "\n".join(lines)
+
+
+def conditional_flops(model: nn.Module, inputs: Any) -> ConditionalStats | None:
+    """What the early exits and dynamic tokens of ``model`` save on the example batch
+    ``inputs`` (:class:`ConditionalStats`; module docstring), or None when it has neither.
+    Eval mode and no gradients for the duration."""
+    from padnet.conditional import EarlyExitModel, bypass_tokens, eager_attention
+    from padnet.conditional.tokens import find_encoder_layers, layer_token_mode
+
+    exits = isinstance(model, EarlyExitModel)
+    host = model.backbone if exits else model
+    try:
+        text = True
+        tokens = any(layer_token_mode(m) for m in find_encoder_layers(host)[1])
+    except (TypeError, ValueError):
+        text = tokens = False
+    if not (exits or tokens):
+        return None
+    batch = _batch_size(inputs)
+    kind = "exits+tokens" if exits and tokens else "exits" if exits else "tokens"
+    counting = eager_attention(host) if text else contextlib.nullcontext()
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), counting:
+            if not exits:
+                with bypass_tokens(host):
+                    full = forward_flops(host, inputs) / batch
+                return ConditionalStats(kind, full, forward_flops(host, inputs) / batch, None,
+                                        batch)
+            with bypass_tokens(host) if tokens else contextlib.nullcontext():
+                segments, heads = _call_exit_flops(model, inputs)
+            full = sum(segments) + heads[-1]
+            if model.criterion is None:
+                return ConditionalStats(kind, full, None, None, batch)
+            with FlopCounterMode(display=False) as counter:
+                taken = _call(_Infer(model), inputs)
+            counts = torch.bincount(taken.exit_index.cpu(), minlength=model.num_exits)
+            rates = [int(c) / batch for c in counts]
+            return ConditionalStats(kind, full, counter.get_total_flops() / batch, rates, batch)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+class _Infer(nn.Module):
+    """``model.infer`` with the model's own criterion, called like a forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.infer(*args, **kwargs)
+
+
+def _call_exit_flops(model: nn.Module, inputs: Any) -> tuple[list[float], list[float]]:
+    if isinstance(inputs, dict):
+        return model.batch_exit_flops(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model.batch_exit_flops(*inputs)
+    return model.batch_exit_flops(inputs)

@@ -4,6 +4,12 @@ Every PAD layer is replaced by its deployment form, looked up by layer type in a
 (:func:`register_deployer`): :class:`~padnet.deploy.conv.DeployedConv2d` for the PAD
 convolutions, :class:`~padnet.deploy.moe.DeployedMoE` for MoE layers. The deployed model is an
 inference model (eval mode) computing what the trained model computes in eval mode.
+
+A model with conditional computation (docs/method.md §6.1) keeps it: an early-exit model
+(:class:`~padnet.conditional.EarlyExitModel`) stays one, with its heads and criterion, and its
+PAD layers inside the host are folded (``forward`` and ``infer`` give what they gave); layers
+patched for token selection or merging keep their class and routers, with their MoE blocks
+folded inside them.
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ def _retarget_mask_hints(model: nn.Module, replaced: dict[int, nn.Module]) -> No
 
 def export(model: nn.Module, *, path: str = "auto", inplace: bool = False) -> nn.Module:
     """The deployment form of ``model``: a copy (or ``model`` itself with ``inplace``) in which
-    every PAD layer is folded (constants, compact storage) and which is in eval mode.
+    every PAD layer is folded (constants, compact storage) and which is in eval mode. Early-exit
+    wrappers and token patches stay as they are around the folded layers (module docstring).
 
     ``path`` sets the execution path of the deployed convolutions (``auto``, ``grouped``,
     ``mixture``, ``unfold``; see :mod:`padnet.deploy.conv`): graph export at a dynamic batch

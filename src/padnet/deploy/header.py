@@ -14,7 +14,9 @@ __all__ = ["DIGEST", "FORMAT", "KEY", "LIST", "MAX_HEADER", "VERSION", "few", "n
            "read_file", "read_header", "verify"]
 
 FORMAT = "padnet"
-VERSION = 1
+#: the newest format version this padnet reads and writes: 2 adds ``conditional`` (early exits,
+#: dynamic tokens); files without it are written as version 1, which older padnet reads
+VERSION = 2
 KEY = "padnet"
 DIGEST = "padnet_sha256"  # of the header text
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header

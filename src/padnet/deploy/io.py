@@ -5,11 +5,16 @@ each) whose metadata holds, under the key ``padnet``, a JSON header:
 
 * ``format`` (``"padnet"``) and ``version``;
 * ``form``: ``deployed`` (the model has layers made by :func:`padnet.export`) or ``training``;
-* ``architecture``: how to rebuild the base model --
+* ``architecture``: how to rebuild the base model (for an early-exit model: its host) --
   ``{"kind": "registry", "model": {"registry": name, "num_classes": ..., "in_chans": ...,
   **kwargs}}`` for models of :func:`padnet.models.create_model`,
   ``{"kind": "huggingface", "class": ..., "config": {...}}`` for Hugging Face models, or
   ``{"kind": "custom", "class": ...}`` (then ``load`` needs ``model=``);
+* ``conditional`` (format version 2; absent from files without it, which are version 1): the
+  model's dynamic tokens and early exits (:func:`padnet.deploy.arch.conditional_record`):
+  token selection per layer (keep ratio, gate, router-loss weight) or merging (``r`` per
+  layer), the exit points, classes and default criterion; ``load`` puts them back before the
+  deployed layers, whose names then include the wrapper's ``backbone.`` prefix;
 * ``layers``: for each deployed layer its qualified module name, type and ``spec``;
 * ``identities``: modules replaced by ``nn.Identity`` relative to the base model (the
   ``output.dense`` of a BERT layer whose FFN became a MoE);
@@ -38,7 +43,9 @@ from torch import Tensor, nn
 
 from padnet.deploy.arch import (
     DEPLOYED,
+    apply_conditional_record,
     build_base,
+    conditional_record,
     deployed_layers,
     describe_architecture,
     identities,
@@ -87,7 +94,8 @@ def save(model: nn.Module, path: str | Path) -> int:
     safetensors file ``path``, atomically; returns the number of bytes written.
 
     The file describes the architecture (module docstring): :func:`load` rebuilds registry
-    and Hugging Face models by itself and any other model on ``model=``.
+    and Hugging Face models by itself, with their early exits and dynamic tokens
+    (``padnet.conditional``), and any other model on ``model=``.
     """
     from padnet import __version__
     from padnet.utils.io import save_safetensors, tensor_sha256
@@ -97,15 +105,17 @@ def save(model: nn.Module, path: str | Path) -> int:
     state = _unshared(model.state_dict())
     digests = {k: tensor_sha256(v) for k, v in state.items()}  # one pass, for both records
     arch = describe_architecture(model)
+    conditional = conditional_record(model)
     layers = deployed_layers(model)
     header = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if conditional else 1,
         "padnet_version": __version__,
         "form": "deployed" if layers else "training",
         "architecture": arch,
+        **({"conditional": conditional} if conditional else {}),
         "layers": layers,
-        "identities": identities(model, arch),
+        "identities": identities(model, arch, conditional),
         "mask_hints": mask_hints(model),
         "pad_layers": pad_layers(model),
         "dtype": _float_dtype(state),
@@ -239,6 +249,20 @@ def _check_match(path: Path, model: nn.Module, tensors: dict[str, Tensor],
                      f"the file ({'; '.join(parts)}); {todo}")
 
 
+def _with_conditional(path: Path, header: dict[str, Any], model: nn.Module,
+                      built: bool) -> nn.Module:
+    """``model`` given the recorded early exits and dynamic tokens (those it lacks)."""
+    record = header.get("conditional")
+    if not record:
+        return model
+    try:
+        return apply_conditional_record(model, record)
+    except (TypeError, ValueError) as err:
+        given = "the model built from the file" if built else "model="
+        raise ValueError(f"{path}: cannot give {given} the recorded early exits / dynamic "
+                         f"tokens: {err}") from None
+
+
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Read a model written by :func:`save` (eval mode).
 
@@ -246,6 +270,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     ``model=``, a fresh instance of its static architecture (or one already converted), into
     which the recorded deployed layers and identities are put before the state dict is loaded
     strictly. A training-form file with PAD layers needs ``model=`` converted the same way.
+    Recorded early exits and dynamic tokens are put back first (on ``model=`` too, unless it
+    has them already); custom exit heads or token routers need ``model=`` with them in place.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -276,6 +302,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                 "rebuild: pass model= a model converted the same way with padnet.dynamize, or "
                 "save padnet.export(model) instead")
         model = build_base(arch)
+    model = _with_conditional(path, header, model, built)
     model = _rebuild(path, header, model)
     if built and header.get("dtype"):
         model = model.to(getattr(torch, header["dtype"]))

@@ -1,5 +1,6 @@
 """Build what a run needs from a :class:`~padnet.train.config.TrainConfig`: data, model
-(registry or Hugging Face, then made dynamic), optimizer and learning-rate schedule.
+(registry or Hugging Face, then made dynamic, then given dynamic tokens and early exits),
+optimizer and learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 from padnet.train.config import TrainConfig
 
 __all__ = [
+    "apply_conditional",
     "apply_method",
     "batch_inputs",
     "build_base_model",
@@ -32,7 +34,9 @@ __all__ = [
     "is_text_model",
     "load_run",
     "lr_at",
+    "host_model",
     "model_logits",
+    "model_outputs",
     "random_inputs",
     "run_weights",
 ]
@@ -202,18 +206,74 @@ def apply_method(cfg: TrainConfig, model: nn.Module, *,
                            init=cfg.init, **kwargs)
 
 
+def _token_layers(cfg: TrainConfig, model: nn.Module) -> list[int] | None:
+    """``token_layers`` as indices in ``[0, L)`` of the model's encoder layers (ValueError naming
+    the key for an index out of range)."""
+    from padnet.conditional.tokens import find_encoder_layers
+
+    if cfg.token.layers is None:
+        return None
+    n = len(find_encoder_layers(model)[1])
+    bad = [i for i in cfg.token.layers if not -n <= i < n]
+    if bad:
+        raise ValueError(f"token_layers: {bad[0]} is not a layer of this {n}-layer encoder "
+                         f"(allowed: 0 to {n - 1}, or negative from the end)")
+    return sorted({i % n for i in cfg.token.layers})
+
+
+def apply_conditional(cfg: TrainConfig, model: nn.Module, *,
+                      num_classes: int | None = None) -> nn.Module:
+    """``model`` with the config's conditional computation (docs/method.md §6.1), in this
+    order: dynamic tokens (``tokens``: :func:`~padnet.conditional.select_tokens` or
+    :func:`~padnet.conditional.merge_tokens` on the chosen encoder layers, in place), then
+    early exits (``exits``: an :class:`~padnet.conditional.EarlyExitModel` wrapping the model,
+    whose default criterion is ``exit_criterion`` at ``exit_threshold``). Unchanged when both
+    are off. Applied after :func:`apply_method`, so routers and exit heads stay ordinary layers.
+    """
+    from padnet.conditional import add_exits, merge_tokens, select_tokens
+
+    if cfg.tokens != "none":
+        if not is_text_model(cfg):
+            raise ValueError(f"tokens={cfg.tokens!r} needs a text model (a BERT-family encoder:"
+                             f" minilm or a Hugging Face model directory); {cfg.model!r} is an "
+                             "image model")
+        layers, tok = _token_layers(cfg, model), cfg.token
+        if cfg.tokens == "select":
+            select_tokens(model, layers, tok.keep, gate=tok.gate, aux_loss_coef=tok.aux_coef)
+        else:
+            from padnet.conditional.tokens import find_encoder_layers
+
+            n = len(find_encoder_layers(model)[1])
+            r = [tok.merge_r if layers is None or i in layers else 0 for i in range(n)]
+            try:
+                merge_tokens(model, r, metric=tok.merge_metric)
+            except ValueError as err:
+                raise ValueError(f"token_merge_r: {err}") from None
+    if cfg.exits is None:
+        return model
+    try:
+        return add_exits(model, cfg.exits, num_classes=num_classes,
+                         criterion=cfg.exit.make_criterion())
+    except (TypeError, ValueError) as err:  # add_exits names its argument 'after'
+        text = str(err)
+        raise ValueError(f"exits{text[5:]}" if text.startswith("after") else
+                         f"exits: {text}") from None
+
+
 def build_model(
     cfg: TrainConfig, *, num_classes: int, in_chans: int | None = None,
     pretrained: bool | None = None, dynamic_ratio: float | None = None,
 ) -> nn.Module:
-    """The config's model (in train mode), converted with ``cfg.method``.
+    """The config's model (in train mode), converted with ``cfg.method``, then given the
+    config's dynamic tokens and early exits (:func:`apply_conditional`).
 
     ``pretrained`` (default ``cfg.pretrained``) is switched off when weights are loaded
     afterwards anyway; ``dynamic_ratio`` as in :func:`apply_method`.
     """
     model = build_base_model(cfg, num_classes=num_classes, in_chans=in_chans,
                              pretrained=pretrained)
-    return apply_method(cfg, model, dynamic_ratio=dynamic_ratio)
+    model = apply_method(cfg, model, dynamic_ratio=dynamic_ratio)
+    return apply_conditional(cfg, model, num_classes=num_classes)
 
 
 def build_loader(
@@ -265,12 +325,28 @@ def batch_inputs(batch: Any, device: torch.device) -> tuple[Any, torch.Tensor]:
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+def model_outputs(model: nn.Module, inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Logits ``(B, C)`` of every exit of ``model``, the final one last: one for an image model
+    (``model(x)``) or a Hugging Face model (``model(**inputs).logits``), one per exit for an
+    early-exit model (:class:`~padnet.conditional.EarlyExitModel`, or a wrapper of one such
+    as DDP, whose forward returns a tuple)."""
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    if isinstance(out, tuple):
+        return out
+    return (out.logits if isinstance(inputs, dict) else out,)
+
+
 def model_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """Logits ``(B, C)`` of an image model (``model(x)``) or a Hugging Face model
-    (``model(**inputs).logits``)."""
-    if isinstance(inputs, dict):
-        return model(**inputs).logits
-    return model(inputs)
+    """Logits ``(B, C)`` of ``model`` (:func:`model_outputs`); for an early-exit model those of
+    the final exit, which is the full network."""
+    return model_outputs(model, inputs)[-1]
+
+
+def host_model(model: nn.Module) -> nn.Module:
+    """The host model inside an early-exit model (its ``backbone``), else ``model``."""
+    from padnet.conditional import EarlyExitModel
+
+    return model.backbone if isinstance(model, EarlyExitModel) else model
 
 
 # ---- saved runs ------------------------------------------------------------------------------
@@ -279,7 +355,7 @@ def random_inputs(cfg: TrainConfig, model: nn.Module, info: dict[str, Any], batc
     all-ones attention mask for text models, else images of the run's input size (``info``)."""
     gen = torch.Generator().manual_seed(0)
     if is_text_model(cfg):
-        vocab = model.config.vocab_size
+        vocab = host_model(model).config.vocab_size
         ids = torch.randint(1000, min(vocab, 2000), (batch, cfg.max_length), generator=gen)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     shape = info.get("input_shape") or [None, None, None]

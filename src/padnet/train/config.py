@@ -24,11 +24,14 @@ from typing import Any
 from padnet.train.coerce import coerce
 from padnet.utils.checks import check_choice, check_int, check_number, check_optional, check_ratio
 
-__all__ = ["AMP_MODES", "IMP_MODES", "LR_SCHEDULES", "OPTIMIZERS", "RESUME_FREE_KEYS", "ConfigKey",
-           "ImpConfig", "TrainConfig", "absolute_paths", "config_choices", "config_differences",
-           "load_config", "parse_overrides"]
+__all__ = ["AMP_MODES", "IMP_MODES", "LR_SCHEDULES", "OPTIMIZERS", "RESUME_FREE_KEYS",
+           "TOKEN_MODES", "ConfigKey", "ExitConfig", "ImpConfig", "TokenConfig", "TrainConfig",
+           "absolute_paths", "config_choices", "config_differences", "load_config",
+           "parse_overrides"]
 
 IMP_MODES = ("none", "oneshot", "interleaved")
+#: dynamic tokens of text models (docs/method.md §6.1)
+TOKEN_MODES = ("none", "select", "merge")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -59,6 +62,40 @@ class ImpConfig:
 
 
 @dataclass
+class ExitConfig:
+    """Early-exit options: the ``exit_*`` keys (the exit points themselves are ``exits``)."""
+
+    weights: list[float] | None = _opt(None, "loss weight of each exit, the final one last "
+                                       "(none: 1 each)")
+    distill: float = _opt(0.0, "weight in [0, 1] of distilling the final exit into the others "
+                          "(0: cross-entropy only)")
+    temperature: float = _opt(1.0, "distillation temperature")
+    criterion: str = _opt("max_prob", "exit rule of early-exit inference")
+    threshold: float | None = _opt(None, "threshold of the exit rule: max_prob exits at a "
+                                   "probability >= it, entropy at an entropy (nats) <= it, "
+                                   "patience after this many agreeing exits (none: 0.9, 0.5, 2)")
+
+    def make_criterion(self) -> Any:
+        """The exit criterion of these options (:func:`padnet.conditional.make_criterion`)."""
+        from padnet.conditional.criteria import make_criterion
+
+        return make_criterion(self.criterion, self.threshold)
+
+
+@dataclass
+class TokenConfig:
+    """Dynamic-token options of text models: the ``token_*`` keys (the mode is ``tokens``)."""
+
+    keep: float = _opt(0.5, "tokens=select: fraction of each sequence's tokens a layer processes")
+    layers: list[int] | None = _opt(None, "encoder layers that select or merge (none: all)")
+    merge_r: int = _opt(4, "tokens=merge: tokens merged per sequence in each layer")
+    gate: str = _opt("sigmoid", "tokens=select: gate of the router score on a layer's update")
+    aux_coef: float = _opt(0.0, "tokens=select: weight of the router's BCE auxiliary loss")
+    merge_metric: str = _opt("keys", "tokens=merge: similarity measured on the keys or the "
+                             "attention output")
+
+
+@dataclass
 class TrainConfig:
     """All options of a training run (each flat key is also a ``--key`` flag)."""
 
@@ -83,7 +120,14 @@ class TrainConfig:
     temperature_start: float = _opt(30.0, "router temperature at the start")
     temperature_end: float = _opt(1.0, "router temperature after annealing")
     temperature_anneal_epochs: float = _opt(10.0, "epochs of temperature annealing")
-    aux_weight: float = _opt(1.0, "weight of the MoE auxiliary losses")
+    aux_weight: float = _opt(1.0, "weight of the auxiliary losses (MoE, token routers)")
+    # conditional computation (docs/method.md §6.1; keys exit_*, token_*)
+    exits: list[str] | None = _opt(None, "early exits after these units of the model, e.g. "
+                                   "layer1,layer2 or bert.encoder.layer.2 (none: no exits)")
+    exit: ExitConfig = field(default_factory=ExitConfig)
+    tokens: str = _opt("none", "dynamic tokens of a text model: select (top tokens through a "
+                       "layer) or merge (bipartite token merging)")
+    token: TokenConfig = field(default_factory=TokenConfig)
     # iterative mode partition (keys imp_mode, imp_iterations, ...)
     imp: ImpConfig = field(default_factory=ImpConfig)
     # data
@@ -201,7 +245,64 @@ class TrainConfig:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k must be <= num_experts ({self.num_experts}), got "
                              f"{self.top_k}")
+        self._check_exits()
+        self._check_tokens()
         self._check_combinations()
+
+    def _check_exits(self) -> None:
+        ex, flat = self.exit, self.to_dict()
+        if self.exits is None:
+            unused = [k for k, v in flat.items() if k.startswith("exit_") and
+                      v != _key_table()[k].default]
+            if unused:
+                raise ValueError(f"{unused[0]}={flat[unused[0]]!r} needs early exits (exits is "
+                                 "none): set exits, e.g. exits: [layer1, layer2]")
+            return
+        if not self.exits or any(not name.strip() for name in self.exits):
+            raise ValueError(f"exits must name at least one unit of the model (e.g. layer1 or "
+                             f"bert.encoder.layer.2), or be none; got {self.exits!r}")
+        if len(set(self.exits)) != len(self.exits):
+            raise ValueError(f"exits names the same unit twice: {self.exits}")
+        if ex.weights is not None:
+            n = len(self.exits) + 1
+            if len(ex.weights) != n:
+                raise ValueError(f"exit_weights needs one weight per exit, the final one last "
+                                 f"({n} for exits {self.exits}), got {len(ex.weights)}: "
+                                 f"{ex.weights}")
+            for w in ex.weights:
+                check_number(w, "exit_weights", minimum=0)
+            if not any(w > 0 for w in ex.weights) or any(w == float("inf") for w in ex.weights):
+                raise ValueError(f"exit_weights must be finite, >= 0 and not all zero, got "
+                                 f"{ex.weights}")
+        check_number(ex.distill, "exit_distill", minimum=0, maximum=1)
+        check_number(ex.temperature, "exit_temperature", minimum=0, strict=True)
+        if ex.temperature == float("inf"):
+            raise ValueError("exit_temperature must be a finite number > 0, got inf")
+        if ex.threshold is not None:
+            check_number(ex.threshold, "exit_threshold", minimum=0)
+            if ex.criterion == "patience" and (ex.threshold < 1 or ex.threshold % 1):
+                raise ValueError(f"exit_threshold is the patience of exit_criterion 'patience': "
+                                 f"an integer >= 1, got {ex.threshold!r}")
+
+    def _check_tokens(self) -> None:
+        tok, flat = self.token, self.to_dict()
+        if self.tokens == "none":
+            unused = [k for k, v in flat.items() if k.startswith("token_") and
+                      v != _key_table()[k].default]
+            if unused:
+                raise ValueError(f"{unused[0]}={flat[unused[0]]!r} needs dynamic tokens (tokens "
+                                 "is none): set tokens to select or merge")
+            return
+        check_number(tok.keep, "token_keep", minimum=0, strict=True, maximum=1)
+        check_int(tok.merge_r, "token_merge_r", 0)
+        check_number(tok.aux_coef, "token_aux_coef", minimum=0)
+        if tok.layers is not None and not tok.layers:
+            raise ValueError("token_layers must name at least one encoder layer, or be none "
+                             "(every layer)")
+        if self.tokens == "merge" and self.exits is not None:
+            raise ValueError("tokens=merge cannot be combined with exits (merged sequences do "
+                             "not follow a batch that shrinks as samples exit): use "
+                             "tokens=select with exits")
 
     def _check_combinations(self) -> None:
         mode = self.imp.mode
@@ -264,6 +365,8 @@ def config_choices() -> dict[str, tuple[str, ...]]:
     """Allowed values of the string-valued keys, read from the tables that define them: the
     conversion methods, scale modes and inits of :mod:`padnet.convert` and
     :mod:`padnet.layers`, the scores and options of :mod:`padnet.partition`."""
+    from padnet.conditional.criteria import CRITERIA
+    from padnet.conditional.tokens import GATES, METRICS
     from padnet.convert import method_names
     from padnet.layers import INITS, SCALE_MODE_ALIASES, SCALE_MODES
     from padnet.partition import OPTIONS, SCORES
@@ -275,6 +378,8 @@ def config_choices() -> dict[str, tuple[str, ...]]:
         **{f"imp_{k}": tuple(OPTIONS[k]) for k in ("granularity", "schedule", "scope",
                                                    "static_init")},
         "optimizer": OPTIMIZERS, "schedule": LR_SCHEDULES, "amp": AMP_MODES,
+        "exit_criterion": tuple(CRITERIA), "tokens": TOKEN_MODES, "token_gate": GATES,
+        "token_merge_metric": METRICS,
     }
 
 

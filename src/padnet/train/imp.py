@@ -6,10 +6,16 @@ IMP scores positions on training batches in one fixed shuffled order: the epoch 
 ``cfg.seed + IMP_SEED_OFFSET``, which differs from the order training uses and stays the same
 across resumes. Interleaved IMP keeps BatchNorm in train mode while scoring (running statistics
 are poor early in training); one-shot IMP scores in eval mode.
+
+The scores are computed from the loss the run trains on, without auxiliary losses: the
+cross-entropy, or for a model with early exits the joint loss of its exits (the ``exit_*``
+keys, without label smoothing), so that a position's importance counts for every
+exit that depends on it.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -17,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from padnet.train.build import batch_inputs, build_loader, model_logits
+from padnet.train.build import batch_inputs, build_loader, model_outputs
 from padnet.train.config import TrainConfig
 from padnet.train.distributed import EpochSampler
 
@@ -28,11 +34,20 @@ __all__ = ["IMP_SEED_OFFSET", "build_partition", "imp_loss", "partition_options"
 IMP_SEED_OFFSET = 7919
 
 
-def imp_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Cross-entropy of ``model`` on an image batch ``(x, y)`` or a text batch (a dict with
-    ``labels``), on the model's device: the loss IMP's scores are computed from."""
+def imp_loss(model: nn.Module, batch: Any, cfg: TrainConfig | None = None) -> torch.Tensor:
+    """The loss IMP's scores are computed from, of ``model`` on an image batch ``(x, y)`` or a
+    text batch (a dict with ``labels``), on the model's device: cross-entropy; for an early-exit
+    model the joint loss of its exits with ``cfg``'s ``exit_*`` keys (without ``cfg``: the
+    final exit's cross-entropy)."""
+    from padnet.conditional import exit_loss
+
     inputs, targets = batch_inputs(batch, next(model.parameters()).device)
-    return F.cross_entropy(model_logits(model, inputs), targets)
+    outputs = model_outputs(model, inputs)
+    if cfg is None or len(outputs) == 1:
+        return F.cross_entropy(outputs[-1], targets)
+    ex = cfg.exit
+    return exit_loss(outputs, targets, weights=ex.weights, distill=ex.distill,
+                     temperature=ex.temperature)
 
 
 def scoring_loader(
@@ -52,7 +67,8 @@ def partition_options(cfg: TrainConfig) -> dict[str, Any]:
     """The keyword arguments that :func:`~padnet.partition.partition_model` and
     :class:`~padnet.partition.IterativePartition` share, from the config."""
     imp = cfg.imp
-    return {"dynamic_ratio": cfg.dynamic_ratio, "loss_fn": imp_loss,
+    loss_fn = imp_loss if cfg.exits is None else functools.partial(imp_loss, cfg=cfg)
+    return {"dynamic_ratio": cfg.dynamic_ratio, "loss_fn": loss_fn,
             "iterations": imp.iterations, "num_batches": imp.num_batches,
             "schedule": imp.schedule, "scope": imp.scope, "granularity": imp.granularity,
             "score": imp.score, "static_init": imp.static_init, "seed": cfg.seed}

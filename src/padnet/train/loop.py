@@ -3,14 +3,17 @@ runs a configuration end to end with it).
 
 Per optimizer step (:func:`~padnet.train.step.train_step`): learning rate (warm-up, then
 cosine/linear), router temperature (annealed for the methods that take it), forward under
-autocast (CUDA only), cross-entropy plus ``aux_weight`` times the MoE auxiliary losses, backward
-(GradScaler for fp16), gradient clipping, optimizer step, then one step of interleaved IMP.
+autocast (CUDA only), cross-entropy (early exits: their joint loss) plus ``aux_weight`` times the
+auxiliary losses (MoE, token routers), backward (GradScaler for fp16), gradient clipping,
+optimizer step, then one step of interleaved IMP.
 Every ``eval_every`` epochs: evaluation (loss, accuracy, macro F1, Matthews correlation) on val,
-and on test after the last epoch; every epoch a row of ``metrics.csv`` and a checkpoint;
-``save_every`` adds checkpoints within epochs. A resumed run continues bit for bit on CPU: the
-data order of epoch e comes from ``seed + e`` and is fast-forwarded mid-epoch, and the RNG,
-optimizer, IMP and loop states (:class:`~padnet.train.state.LoopState`) are restored from the
-checkpoint.
+and on test after the last epoch (for a model with early exits: of the final exit, plus each
+intermediate exit's accuracy; ``summary.json`` adds them per exit and what early-exit inference
+at ``exit_criterion`` / ``exit_threshold`` gives on val and test); every epoch a row of
+``metrics.csv`` and a checkpoint; ``save_every`` adds checkpoints within epochs. A resumed run
+continues bit for bit on CPU: the data order of epoch e comes from ``seed + e`` and is
+fast-forwarded mid-epoch, and the RNG, optimizer, IMP and loop states
+(:class:`~padnet.train.state.LoopState`) are restored from the checkpoint.
 
 A resume continues the run's own experiment: a config that differs from the run's in anything
 but :data:`~padnet.train.config.RESUME_FREE_KEYS` is refused (:class:`ConfigMismatch`), and the
@@ -356,8 +359,43 @@ class Trainer:
             "best_val_acc": max((r["val_acc"] for r in history if "val_acc" in r), default=None),
             "stats": padnet.stats(self.model).to_dict()["total"],
             "imp": imp.to_dict() if hasattr(imp, "to_dict") else imp,
+            "exits": self._exit_summary(),
             "steps": self.state.global_step, "train_time_s": self.state.train_time_s,
             "world_size": self.dist.world_size, "device": str(self.device)}, default=str))
+
+    def _exit_summary(self) -> dict[str, Any] | None:
+        """Per-exit accuracies of the last evaluation and, in a single process, early-exit
+        inference at the config's criterion on val and test
+        (:func:`~padnet.conditional.exit_report`); None without exits."""
+        from padnet.conditional import EarlyExitModel, exit_report
+        from padnet.conditional.criteria import criterion_record
+
+        if not isinstance(self.model, EarlyExitModel):
+            return None
+        model, final = self.model, (self.state.history[-1] if self.state.history else {})
+        out: dict[str, Any] = {"points": [*model.exit_points, "final"],
+                               "criterion": criterion_record(model.criterion)}
+        for split in ("val", "test"):
+            if f"{split}_acc" in final:
+                inner = [final.get(f"{split}_exit{i}_acc") for i in range(model.num_exits - 1)]
+                out[f"{split}_acc"] = [*inner, final[f"{split}_acc"]]
+        if self.dist.distributed:
+            return out
+        for split, loader in self.eval_loaders.items():
+            if f"{split}_acc" not in final:
+                continue
+            report = exit_report(model, self._batches(loader))
+            out[f"{split}_early_exit"] = {k: report.as_dict()[k] for k in (
+                "accuracy", "rates", "average_flops", "full_flops", "speedup")}
+        return out
+
+    def _batches(self, loader: Any) -> Any:
+        from padnet.train.build import batch_inputs
+
+        for batch in loader:
+            inputs, targets = batch_inputs(batch, self.device)
+            yield ({**inputs, "labels": targets} if isinstance(inputs, dict)
+                   else (inputs, targets))
 
     def finish(self) -> dict[str, Any]:
         """Write the final ``model.safetensors``, ``summary.json`` and ``metrics.csv`` (rank 0);

@@ -1,5 +1,9 @@
 """The pieces of the loop that depend only on their arguments: seeding, mixed precision, the
-learning-rate and temperature schedules of a step, one optimizer step, and evaluation."""
+learning-rate and temperature schedules of a step, one optimizer step, and evaluation.
+
+A model with early exits (``exits``) trains on the joint loss of its exits
+(:func:`~padnet.conditional.exit_loss`, docs/method.md §6.1) and is evaluated by its final
+exit, which is the whole network; evaluation adds each intermediate exit's accuracy."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from padnet.train.build import batch_inputs, lr_at, model_logits
+from padnet.train.build import batch_inputs, lr_at, model_outputs
 from padnet.train.config import TrainConfig
 from padnet.train.distributed import all_reduce_sum
 from padnet.train.metrics import classification_metrics, confusion_matrix
@@ -22,7 +26,7 @@ from padnet.train.state import StepStats
 from padnet.utils.io import fault_point
 
 __all__ = ["autocast_for", "evaluate", "has_aux_loss", "seed_everything", "set_schedules",
-           "train_step"]
+           "task_loss", "train_step"]
 
 
 def seed_everything(seed: int) -> None:
@@ -42,10 +46,26 @@ def autocast_for(device: torch.device, amp: str) -> Callable[[], Any]:
 
 
 def has_aux_loss(cfg: TrainConfig) -> bool:
-    """True for methods whose layers add auxiliary losses (those converting FFNs: MoE)."""
+    """True when layers add auxiliary losses: methods converting FFNs (MoE), and token
+    selection with a router loss (``token_aux_coef > 0``)."""
     from padnet.convert import get_method
 
+    if cfg.tokens == "select" and cfg.token.aux_coef > 0:
+        return True
     return cfg.method != "none" and get_method(cfg.method).target == "ffn"
+
+
+def task_loss(outputs: tuple[torch.Tensor, ...], targets: torch.Tensor,
+              cfg: TrainConfig) -> torch.Tensor:
+    """The loss a run trains on (no auxiliary losses): cross-entropy of the logits, or for an
+    early-exit model (several ``outputs``) the joint exit loss with the ``exit_*`` keys."""
+    if len(outputs) == 1:
+        return F.cross_entropy(outputs[0].float(), targets, label_smoothing=cfg.label_smoothing)
+    from padnet.conditional import exit_loss
+
+    ex = cfg.exit
+    return exit_loss(outputs, targets, weights=ex.weights, distill=ex.distill,
+                     temperature=ex.temperature, label_smoothing=cfg.label_smoothing)
 
 
 def set_schedules(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -76,14 +96,16 @@ def train_step(
     autocast: Callable[[], Any] = contextlib.nullcontext,
 ) -> StepStats:
     """Forward (through ``net``, e.g. the DDP wrapper of ``model``; default ``model``),
-    cross-entropy plus ``aux_weight`` times the MoE auxiliary losses, backward (scaled when a
-    GradScaler is given), gradient clipping and the optimizer step."""
+    the task loss (:func:`task_loss`: cross-entropy, or the joint loss of the exits) plus
+    ``aux_weight`` times the auxiliary losses, backward (scaled when a GradScaler is given),
+    gradient clipping and the optimizer step. The accuracy counted is the final exit's."""
     from padnet.layers import aux_loss
 
     inputs, targets = batch_inputs(batch, device)
     with autocast():
-        logits = model_logits(net if net is not None else model, inputs)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+        outputs = model_outputs(net if net is not None else model, inputs)
+        logits = outputs[-1]
+        loss = task_loss(outputs, targets, cfg)
         aux = aux_loss(model).float()
         total = loss + cfg.aux_weight * aux if has_aux_loss(cfg) else loss
     optimizer.zero_grad(set_to_none=True)
@@ -107,19 +129,32 @@ def train_step(
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
              autocast: Any = contextlib.nullcontext) -> dict[str, float]:
-    """Mean loss, accuracy, macro F1 and MCC of ``model`` on ``loader`` (summed over ranks)."""
+    """Mean loss, accuracy, macro F1 and MCC of ``model`` on ``loader`` (summed over ranks).
+
+    For an early-exit model these are the final exit's (the whole network), and
+    ``exit{i}_acc`` adds the accuracy of intermediate exit ``i`` (0 = the first)."""
     was_training = model.training
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum = torch.zeros((), dtype=torch.float64)
+    # correct predictions of the intermediate exits (the same count on every rank)
+    exit_correct = torch.zeros(getattr(model, "num_exits", 1) - 1, dtype=torch.int64)
     for batch in loader:
         inputs, targets = batch_inputs(batch, device)
         with autocast():
-            logits = model_logits(model, inputs).float()
+            outputs = model_outputs(model, inputs)
+        logits = outputs[-1].float()
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double().cpu()
         cm += confusion_matrix(logits.argmax(-1), targets, num_classes)
+        for i, z in enumerate(outputs[:-1]):
+            exit_correct[i] += int((z.argmax(-1) == targets).sum())
     model.train(was_training)
-    pair = all_reduce_sum(torch.cat([cm.view(-1).double(), loss_sum.view(1)]).to(device)).cpu()
-    cm = pair[:-1].round().long().view(num_classes, num_classes)
+    flat = torch.cat([cm.view(-1).double(), loss_sum.view(1), exit_correct.double()]).to(device)
+    flat = all_reduce_sum(flat).cpu()
+    n_cm = num_classes * num_classes
+    cm = flat[:n_cm].round().long().view(num_classes, num_classes)
     count = int(cm.sum())
-    return {"loss": float(pair[-1]) / max(count, 1), **classification_metrics(cm)}
+    metrics = {"loss": float(flat[n_cm]) / max(count, 1), **classification_metrics(cm)}
+    for i, correct in enumerate(flat[n_cm + 1:].tolist()):
+        metrics[f"exit{i}_acc"] = correct / count if count else 0.0
+    return metrics
