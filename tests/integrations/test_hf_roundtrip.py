@@ -194,7 +194,8 @@ def test_bad_directories_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_pretrained(tmp_path)
     model = tiny_moe_bert()
-    model.save_pretrained(tmp_path / "norecord")  # converted, but no record attached
+    del model.config.padnet  # converted, but its record removed
+    model.save_pretrained(tmp_path / "norecord")
     with pytest.raises(ValueError, match=r"not in the model.*attach_record"):
         load_pretrained(tmp_path / "norecord")
     tiny_bert().config.save_pretrained(tmp_path / "pickled")

@@ -185,6 +185,7 @@ def load_pretrained(directory: str | os.PathLike, *, model_class: Any = None,
         from padnet.integrations.record import apply_record
 
         apply_record(model, record)
+        attach_record(model)  # the record as applied (dynamize wrote a fresh one meanwhile)
     tensors = _read_tensors(files)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1:
