@@ -80,6 +80,17 @@ def test_render_table_reads_its_marker(tmp_path) -> None:
     assert render_table("r.csv", tmp_path) == summary_table(rows)
     assert render_table("significance r.csv reference=static", tmp_path) == \
         significance_table(rows, reference="static")
+    other = tmp_path / "ablations.csv"
+    abl = _rows({"pad_0.3": [0.9, 0.92]})
+    for r in abl:
+        r["variant"] = "no_scale"
+    with other.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(abl[0]))
+        writer.writeheader()
+        writer.writerows(abl)
+    assert render_table("significance ablations.csv reference=dynamic from=r.csv",
+                        tmp_path) == significance_table(
+        [r for r in rows if r["variant"] == "dynamic"] + abl, reference="dynamic")
     with pytest.raises(ValueError, match="unknown kind 'plot'"):
         render_table("plot r.csv", tmp_path)
 

@@ -137,8 +137,9 @@ def summary_table(rows: Sequence[dict[str, Any]],
 
 def render_table(spec: str, root: str | Path = ".") -> str:
     """The table a ``docs/RESULTS.md`` marker names. ``spec`` is ``PATH`` or ``summary PATH
-    [latency=PATH]`` or ``significance PATH [reference=VARIANT] [metric=COLUMN]``; paths are
-    relative to ``root``."""
+    [latency=PATH]`` or ``significance PATH [reference=VARIANT] [metric=COLUMN] [from=PATH]``
+    (``from``: take the reference variant's rows from another results file, e.g. an ablation
+    suite against the main suite's PAD runs); paths are relative to ``root``."""
     words = spec.split()
     kind = "summary" if len(words) == 1 else words.pop(0)
     if not words:
@@ -149,7 +150,11 @@ def render_table(spec: str, root: str | Path = ".") -> str:
         latency = options.get("latency")
         return summary_table(rows, read_results(Path(root) / latency) if latency else None)
     if kind == "significance":
-        return significance_table(rows, reference=options.get("reference", "dynamic"),
+        reference = options.get("reference", "dynamic")
+        if "from" in options:
+            rows = [r for r in read_results(Path(root) / options["from"])
+                    if r["variant"] == reference] + rows
+        return significance_table(rows, reference=reference,
                                   metric=options.get("metric", "test_acc"))
     raise ValueError(f"table marker {spec!r}: unknown kind {kind!r}; valid: summary, "
                      "significance")
