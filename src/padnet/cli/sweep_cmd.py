@@ -67,9 +67,10 @@ def _report(suite: Path, directory: Path) -> None:
         print(f"wrote {evidence.plot_layer_ratios(pad, directory / f'{name}_layers.png')}")
     print(f"\n<!-- table: {marker} -->\n{evidence.render_table(marker)}")
     variants = {r["variant"] for r in rows}
-    if "dynamic" in variants:
-        spec = f"significance {directory / name}.csv reference=dynamic"
-        print(f"\n<!-- table: {spec} -->\n{evidence.render_table(spec)}")
+    for reference in ("dynamic", "moe"):  # the fully dynamic variant, if the suite has one
+        if reference in variants:
+            spec = f"significance {directory / name}.csv reference={reference}"
+            print(f"\n<!-- table: {spec} -->\n{evidence.render_table(spec)}")
 
 
 def run(args: argparse.Namespace) -> int:
