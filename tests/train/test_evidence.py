@@ -127,3 +127,19 @@ def test_latency_and_report_of_a_finished_suite(tmp_path, capsys) -> None:
         assert (tmp_path / "doc" / name).stat().st_size > 0
     assert "<!-- table: summary" in out and "latency ×static b=4" in out
     assert "<!-- table: significance" in out and "| pad_0.5 |" in out
+
+
+def test_paper_table_puts_our_gain_beside_the_paper_claim(tmp_path) -> None:
+    rows = _rows({"dynamic": [0.80, 0.82], "pad_0.3": [0.83, 0.85]})
+    with (tmp_path / "r.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "claims.csv").write_text(
+        "setting,kappa,paper_setting,paper_gain,results,variant,reference\n"
+        "ours,0.3,ResNet-50 ImageNet,0.7,r.csv,pad_0.3,dynamic\n"
+        "text,0.5,BERT GLUE,1.9,missing.csv,pad_0.5,moe\n")
+    _, p = welch_test([0.83, 0.85], [0.80, 0.82])
+    table = render_table("paper claims.csv", tmp_path).splitlines()
+    assert table[2] == f"| ours | 0.3 | +3.00 | {p:.3f} | 2 / 2 | ResNet-50 ImageNet | +0.7 |"
+    assert table[3] == "| text | 0.5 | not run yet | | | BERT GLUE | +1.9 |"

@@ -28,8 +28,9 @@ from typing import Any
 from padnet.train.sweep import load_suite, read_results
 from padnet.utils.io import atomic_write, save_csv
 
-__all__ = ["LATENCY_COLUMNS", "group_by_variant", "measure_suite_latency", "plot_layer_ratios",
-           "plot_suite", "render_table", "significance_table", "summary_table", "welch_test"]
+__all__ = ["LATENCY_COLUMNS", "group_by_variant", "measure_suite_latency", "paper_table",
+           "plot_layer_ratios", "plot_suite", "render_table", "significance_table",
+           "summary_table", "welch_test"]
 
 LATENCY_COLUMNS = ("variant", "run", "batch", "static_ms", "model_ms", "ratio_to_static",
                    "deployed_params")
@@ -136,10 +137,11 @@ def summary_table(rows: Sequence[dict[str, Any]],
 
 
 def render_table(spec: str, root: str | Path = ".") -> str:
-    """The table a ``docs/RESULTS.md`` marker names. ``spec`` is ``PATH`` or ``summary PATH
-    [latency=PATH]`` or ``significance PATH [reference=VARIANT] [metric=COLUMN] [from=PATH]``
-    (``from``: take the reference variant's rows from another results file, e.g. an ablation
-    suite against the main suite's PAD runs); paths are relative to ``root``."""
+    """The table a ``docs/RESULTS.md`` marker names. ``spec`` is one of ``PATH`` or
+    ``summary PATH [latency=PATH]``; ``significance PATH [reference=VARIANT] [metric=COLUMN]
+    [from=PATH]`` (``from``: take the reference variant's rows from another results file, e.g.
+    an ablation suite against the main suite's PAD runs); ``paper CLAIMS_PATH``
+    (:func:`paper_table`). Paths are relative to ``root``."""
     words = spec.split()
     kind = "summary" if len(words) == 1 else words.pop(0)
     if not words:
@@ -149,6 +151,8 @@ def render_table(spec: str, root: str | Path = ".") -> str:
     if kind == "summary":
         latency = options.get("latency")
         return summary_table(rows, read_results(Path(root) / latency) if latency else None)
+    if kind == "paper":
+        return paper_table(rows, root)
     if kind == "significance":
         reference = options.get("reference", "dynamic")
         if "from" in options:
@@ -157,7 +161,30 @@ def render_table(spec: str, root: str | Path = ".") -> str:
         return significance_table(rows, reference=reference,
                                   metric=options.get("metric", "test_acc"))
     raise ValueError(f"table marker {spec!r}: unknown kind {kind!r}; valid: summary, "
-                     "significance")
+                     "significance, paper")
+
+
+def paper_table(claims: Sequence[dict[str, Any]], root: str | Path = ".") -> str:
+    """Markdown table placing each claim of the paper (a row of a claims file: ``setting``,
+    ``paper_setting``, ``kappa``, ``paper_gain`` in points, ``results`` file, ``variant``,
+    ``reference``) beside our measured gain of ``variant`` over ``reference`` (difference of the
+    mean test accuracies in points, Welch p over the seeds)."""
+    lines = ["| our setting | κ | ours: PAD − fully dynamic (points) | Welch p | seeds | "
+             "paper setting | paper: PAD − fully dynamic (points) |",
+             "|---|---:|---:|---:|---:|---|---:|"]
+    for claim in claims:
+        ours, p, seeds = "not run yet", "", ""
+        path = Path(root) / claim["results"]
+        if path.is_file():
+            groups = group_by_variant(read_results(path))
+            a = _floats(groups.get(claim["variant"], []), "test_acc")
+            b = _floats(groups.get(claim["reference"], []), "test_acc")
+            if len(a) >= 2 and len(b) >= 2:
+                diff, pval = welch_test(a, b)
+                ours, p, seeds = f"{100 * diff:+.2f}", f"{pval:.3f}", f"{len(a)} / {len(b)}"
+        lines.append(f"| {claim['setting']} | {float(claim['kappa']):g} | {ours} | {p} | "
+                     f"{seeds} | {claim['paper_setting']} | {float(claim['paper_gain']):+.1f} |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- latency
