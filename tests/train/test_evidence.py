@@ -142,4 +142,4 @@ def test_paper_table_puts_our_gain_beside_the_paper_claim(tmp_path) -> None:
     _, p = welch_test([0.83, 0.85], [0.80, 0.82])
     table = render_table("paper claims.csv", tmp_path).splitlines()
     assert table[2] == f"| ours | 0.3 | +3.00 | {p:.3f} | 2 / 2 | ResNet-50 ImageNet | +0.7 |"
-    assert table[3] == "| text | 0.5 | not run yet | | | BERT GLUE | +1.9 |"
+    assert table[3] == "| text | 0.5 | not run yet |  |  | BERT GLUE | +1.9 |"
