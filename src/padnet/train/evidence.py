@@ -189,10 +189,11 @@ def paper_table(claims: Sequence[dict[str, Any]], root: str | Path = ".") -> str
 
 # --------------------------------------------------------------------------- latency
 def _deployed_params(model: Any) -> int:
-    """Stored values of a deployed model: its parameters and buffers (bitmasks count as bytes
-    / 4, the float32 values they replace)."""
+    """Stored values of a deployed model: the tensors of its state dict (what ``padnet.save``
+    writes; kernels derived at load time are not stored), bitmasks counted as bytes / 4, the
+    float32 values they stand beside."""
     total = 0
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in model.state_dict().values():
         total += t.numel() if t.is_floating_point() else -(-t.numel() * t.element_size() // 4)
     return total
 
