@@ -57,6 +57,17 @@ def test_the_sweep_resumes_and_skips_finished_runs(suite, tmp_path, capsys) -> N
     assert all(r["test_acc"] or r["val_acc"] for r in rows)
 
 
+def test_a_run_stopped_before_its_first_checkpoint_starts_over(suite, tmp_path, capsys) -> None:
+    runs = load_suite(suite)
+    run_dir = runs[0].run_dir
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(runs[0].cfg.to_yaml())  # killed while loading data
+    assert runs[0].status() == "restart"
+    assert main(["sweep", str(suite), "--only", "static-seed0"]) == 0
+    assert "static-seed0: restart" in capsys.readouterr().out
+    assert runs[0].status() == "done"
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("variants: {}\n", "'variants' must map names"),
     ("seeds: [a]\nvariants: {x: {}}\n", "'seeds' must be a non-empty list of ints"),

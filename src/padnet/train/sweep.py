@@ -52,10 +52,13 @@ class SweepRun:
         return Path(self.cfg.out_dir)
 
     def status(self) -> str:
-        """``done`` (summary.json written), ``resume`` (a checkpoint) or ``new``."""
+        """``done`` (summary.json written), ``resume`` (a checkpoint), ``restart`` (started,
+        stopped before its first checkpoint: nothing to continue) or ``new``."""
         if (self.run_dir / "summary.json").is_file():
             return "done"
-        return "resume" if ckpt.find_checkpoint(self.run_dir) is not None else "new"
+        if ckpt.find_checkpoint(self.run_dir) is not None:
+            return "resume"
+        return "restart" if (self.run_dir / "config.yaml").is_file() else "new"
 
 
 def _read_suite(path: Path) -> dict[str, Any]:
@@ -148,7 +151,7 @@ def run_suite(
                                                            else ""))
         if dry_run or status == "done":
             continue
-        train(run.cfg, resume=status == "resume", quiet=quiet)
+        train(run.cfg, resume=status == "resume", overwrite=status == "restart", quiet=quiet)
         _write_results(runs, out)
     rows = _write_results(runs, out) if not dry_run else []
     if not dry_run:
