@@ -283,11 +283,11 @@ def plot_suite(rows: Sequence[dict[str, Any]], out: str | Path, *, title: str = 
     written = []
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for ref, colour, label in ((static, "tab:grey", "static"), (dynamic, "tab:blue",
-                                                                "fully dynamic")):
+    for ref, colour, name in ((static, "tab:grey", "static"), (dynamic, "tab:blue",
+                                                               "fully dynamic")):
         if ref["accs"]:
             mean, std = _mean_std(ref["accs"])
-            ax.axhline(mean, color=colour, label=f"{label} ({len(ref['accs'])} seeds)")
+            ax.axhline(mean, color=colour, label=f"{name} ({len(ref['accs'])} seeds)")
             ax.axhspan(mean - std, mean + std, color=colour, alpha=0.15)
     if pad:
         ks = sorted(pad)
