@@ -143,3 +143,20 @@ def test_paper_table_puts_our_gain_beside_the_paper_claim(tmp_path) -> None:
     table = render_table("paper claims.csv", tmp_path).splitlines()
     assert table[2] == f"| ours | 0.3 | +3.00 | {p:.3f} | 2 / 2 | ResNet-50 ImageNet | +0.7 |"
     assert table[3] == "| text | 0.5 | not run yet |  |  | BERT GLUE | +1.9 |"
+
+
+def test_update_tables_fills_placeholders_and_refreshes_tables(tmp_path) -> None:
+    from padnet.train.evidence import update_tables
+
+    rows = _rows({"static": [0.5, 0.6], "dynamic": [0.7, 0.8]})
+    with (tmp_path / "r.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    doc = tmp_path / "doc.md"
+    doc.write_text("# R\n\n<!-- table: summary r.csv -->\nTABLE\n\ntext\n\n"
+                   "<!-- table: significance r.csv -->\n| old | table |\n|---|---|\n\nend\n")
+    assert update_tables(doc, tmp_path) == 2
+    text = doc.read_text()
+    assert summary_table(rows) + "\n\ntext" in text
+    assert significance_table(rows) + "\n\nend" in text and "old" not in text

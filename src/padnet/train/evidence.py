@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from padnet.utils.io import atomic_write, save_csv
 
 __all__ = ["LATENCY_COLUMNS", "group_by_variant", "measure_suite_latency", "paper_table",
            "plot_layer_ratios", "plot_suite", "render_table", "significance_table",
-           "summary_table", "welch_test"]
+           "summary_table", "update_tables", "welch_test"]
 
 LATENCY_COLUMNS = ("variant", "run", "batch", "static_ms", "model_ms", "ratio_to_static",
                    "deployed_params")
@@ -185,6 +186,26 @@ def paper_table(claims: Sequence[dict[str, Any]], root: str | Path = ".") -> str
         lines.append(f"| {claim['setting']} | {float(claim['kappa']):g} | {ours} | {p} | "
                      f"{seeds} | {claim['paper_setting']} | {float(claim['paper_gain']):+.1f} |")
     return "\n".join(lines)
+
+
+_MARKED = re.compile(r"(<!-- table: ([^>]+?) -->\n)((?:\|.*\n)+|TABLE\n)")
+
+
+def update_tables(document: str | Path, root: str | Path = ".") -> int:
+    """Rewrite every marked table of ``document`` (the table after each ``<!-- table: ... -->``
+    marker, or a ``TABLE`` placeholder line) from its results files; returns how many."""
+    document = Path(document)
+    text = document.read_text()
+    count = 0
+
+    def fill(match: re.Match) -> str:
+        nonlocal count
+        count += 1
+        return match.group(1) + render_table(match.group(2), root) + "\n"
+
+    new = _MARKED.sub(fill, text)
+    atomic_write(document, lambda tmp: Path(tmp).write_text(new))
+    return count
 
 
 # --------------------------------------------------------------------------- latency
