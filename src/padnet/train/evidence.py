@@ -219,13 +219,20 @@ def _deployed_params(model: Any) -> int:
     return total
 
 
+def _architecture(cfg: Any, info: dict[str, Any]) -> tuple:
+    """What decides the static model a run is compared with."""
+    return (cfg.model, cfg.width, cfg.width_mult, cfg.image_size, cfg.max_length,
+            info["num_classes"], info.get("in_chans"), cfg.pretrained)
+
+
 def measure_suite_latency(path: str | Path, *, batch_sizes: Sequence[int] = (1, 32),
                           reps: int = 20, threads: int | None = None,
                           log: Any = print) -> list[dict[str, Any]]:
     """Time the exported model of the first finished run of each variant beside the static
-    model of its architecture (same inputs, interleaved repetitions, medians) and write
-    ``OUT/latency.csv``. A static variant is timed against a fresh copy of itself like any
-    other, so its ratio shows the noise floor of the measurement."""
+    model of its architecture and write ``OUT/latency.csv``: all variants of one architecture and
+    the static model in one measurement (same inputs, repetitions interleaved across all of
+    them, medians), so that a change of machine load falls on every model alike. A static
+    variant is timed like the others, so its ratio shows the noise floor."""
     import torch
 
     import padnet
@@ -236,27 +243,37 @@ def measure_suite_latency(path: str | Path, *, batch_sizes: Sequence[int] = (1, 
         torch.set_num_threads(threads)
     runs = load_suite(path)
     out = runs[0].run_dir.parent
-    seen: set[str] = set()
-    rows: list[dict[str, Any]] = []
+    groups: dict[tuple, dict[str, Any]] = {}
     for run in runs:
-        if run.variant in seen or run.status() != "done":
+        if run.status() != "done" or any(run.variant in g["models"] for g in groups.values()):
             continue
-        seen.add(run.variant)
         loaded = load_run(run.run_dir, with_data=False)
         cfg, info = loaded.cfg, loaded.info
-        model = loaded.model if cfg.method == "none" else padnet.export(loaded.model)
-        torch.manual_seed(0)
-        static = build_model(cfg.replace(method="none", imp_mode="none"),
-                             num_classes=info["num_classes"], in_chans=info.get("in_chans"),
-                             pretrained=False).eval()
+        group = groups.get(_architecture(cfg, info))
+        if group is None:
+            torch.manual_seed(0)
+            static = build_model(cfg.replace(method="none", imp_mode="none"),
+                                 num_classes=info["num_classes"], in_chans=info.get("in_chans"),
+                                 pretrained=False).eval()
+            group = groups[_architecture(cfg, info)] = {"cfg": cfg, "info": info,
+                                                        "static": static, "models": {},
+                                                        "runs": {}}
+        group["models"][run.variant] = (loaded.model if cfg.method == "none"
+                                        else padnet.export(loaded.model))
+        group["runs"][run.variant] = run.name
+    rows: list[dict[str, Any]] = []
+    for group in groups.values():
         for batch in batch_sizes:
-            x = random_inputs(cfg, static, info, batch)
-            ms = measure_latency({"static": static, "model": model}, x, reps=reps)
-            rows.append({"variant": run.variant, "run": run.name, "batch": batch,
-                         "static_ms": round(ms["static"], 4), "model_ms": round(ms["model"], 4),
-                         "ratio_to_static": round(ms["model"] / ms["static"], 4),
-                         "deployed_params": _deployed_params(model)})
-            log(f"{run.name} batch {batch}: {ms['model'] / ms['static']:.2f}x static")
+            x = random_inputs(group["cfg"], group["static"], group["info"], batch)
+            ms = measure_latency({"\0static": group["static"], **group["models"]}, x, reps=reps)
+            base = ms["\0static"]
+            for variant, model in group["models"].items():
+                rows.append({"variant": variant, "run": group["runs"][variant], "batch": batch,
+                             "static_ms": round(base, 4), "model_ms": round(ms[variant], 4),
+                             "ratio_to_static": round(ms[variant] / base, 4),
+                             "deployed_params": _deployed_params(model)})
+                log(f"{group['runs'][variant]} batch {batch}: {ms[variant] / base:.2f}x static")
+    rows.sort(key=lambda r: ([r2.variant for r2 in runs].index(r["variant"]), r["batch"]))
     save_csv(out / "latency.csv", rows, LATENCY_COLUMNS)
     return rows
 
