@@ -219,6 +219,9 @@ def _deployed_params(model: Any) -> int:
     return total
 
 
+_REFERENCE = "(static reference)"  # the key of the static model among the variants timed
+
+
 def _architecture(cfg: Any, info: dict[str, Any]) -> tuple:
     """What decides the static model a run is compared with."""
     return (cfg.model, cfg.width, cfg.width_mult, cfg.image_size, cfg.max_length,
@@ -265,8 +268,8 @@ def measure_suite_latency(path: str | Path, *, batch_sizes: Sequence[int] = (1, 
     for group in groups.values():
         for batch in batch_sizes:
             x = random_inputs(group["cfg"], group["static"], group["info"], batch)
-            ms = measure_latency({"\0static": group["static"], **group["models"]}, x, reps=reps)
-            base = ms["\0static"]
+            ms = measure_latency({_REFERENCE: group["static"], **group["models"]}, x, reps=reps)
+            base = ms[_REFERENCE]
             for variant, model in group["models"].items():
                 rows.append({"variant": variant, "run": group["runs"][variant], "batch": batch,
                              "static_ms": round(base, 4), "model_ms": round(ms[variant], 4),
