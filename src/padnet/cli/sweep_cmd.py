@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _report(suite: Path, directory: Path) -> None:
     from padnet.train import evidence
-    from padnet.train.sweep import load_suite, read_results, suite_name
+    from padnet.train.sweep import RESULT_COLUMNS, load_suite, read_results, suite_name
     from padnet.utils.io import save_csv
 
     runs = load_suite(suite)
@@ -52,7 +52,7 @@ def _report(suite: Path, directory: Path) -> None:
         raise FileNotFoundError(f"{results} does not exist: run `padnet sweep {suite}` first")
     rows = read_results(results)
     directory.mkdir(parents=True, exist_ok=True)
-    save_csv(directory / f"{name}.csv", rows, list(rows[0]) if rows else ["run"])
+    save_csv(directory / f"{name}.csv", rows, RESULT_COLUMNS)
     marker = f"summary {directory / name}.csv"
     latency = runs[0].run_dir.parent / "latency.csv"
     if latency.is_file():

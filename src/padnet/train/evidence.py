@@ -287,9 +287,9 @@ def _metric(rows: Sequence[dict[str, Any]]) -> str:
     return "test_acc" if any(r.get("test_acc") not in (None, "") for r in rows) else "val_acc"
 
 
-def _kappa_groups(rows: Sequence[dict[str, Any]], metric: str) -> tuple[dict, dict, dict]:
-    """``(pad, static, dynamic)``: PAD variants by dynamic ratio, and the two reference
-    groups (empty when absent)."""
+def _kappa_groups(rows: Sequence[dict[str, Any]], metric: str) -> tuple[dict, list, list]:
+    """``(pad, static, dynamic)``: PAD accuracies by dynamic ratio, and the accuracies of the
+    two reference groups (empty when absent)."""
     pad: dict[float, list[float]] = {}
     static: list[float] = []
     dynamic: list[float] = []
@@ -303,7 +303,7 @@ def _kappa_groups(rows: Sequence[dict[str, Any]], metric: str) -> tuple[dict, di
             dynamic.append(acc)
         else:
             pad.setdefault(round(ratio, 2), []).append(acc)
-    return pad, {"accs": static}, {"accs": dynamic}
+    return pad, static, dynamic
 
 
 def plot_suite(rows: Sequence[dict[str, Any]], out: str | Path, *, title: str = "") -> list[Path]:
@@ -324,11 +324,11 @@ def plot_suite(rows: Sequence[dict[str, Any]], out: str | Path, *, title: str = 
     written = []
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for ref, colour, name in ((static, "tab:grey", "static"), (dynamic, "tab:blue",
-                                                               "fully dynamic")):
-        if ref["accs"]:
-            mean, std = _mean_std(ref["accs"])
-            ax.axhline(mean, color=colour, label=f"{name} ({len(ref['accs'])} seeds)")
+    for accs, colour, name in ((static, "tab:grey", "static"), (dynamic, "tab:blue",
+                                                                "fully dynamic")):
+        if accs:
+            mean, std = _mean_std(accs)
+            ax.axhline(mean, color=colour, label=f"{name} ({len(accs)} seeds)")
             ax.axhspan(mean - std, mean + std, color=colour, alpha=0.15)
     if pad:
         ks = sorted(pad)
@@ -336,13 +336,8 @@ def plot_suite(rows: Sequence[dict[str, Any]], out: str | Path, *, title: str = 
         ax.errorbar(ks, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
                     color="tab:red", capsize=3, label="PAD (IMP)")
     ax.set_xlabel("dynamic ratio κ")
-    ax.set_ylabel(label)
-    ax.set_title(title or "accuracy against κ", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out.with_name(out.name + "_kappa.png")
-    _save_figure(fig, path)
-    written.append(path)
+    written.append(_finish(fig, ax, label, title or "accuracy against κ",
+                           out.with_name(out.name + "_kappa.png"), legend_size=8))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, group in group_by_variant(rows).items():
@@ -352,14 +347,20 @@ def plot_suite(rows: Sequence[dict[str, Any]], out: str | Path, *, title: str = 
             ax.errorbar([params[0]], [mean], yerr=[std], marker="o", capsize=3, label=name)
     ax.set_xscale("log")
     ax.set_xlabel("stored parameters (training form)")
-    ax.set_ylabel(label)
-    ax.set_title(title or "accuracy against size", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out.with_name(out.name + "_params.png")
-    _save_figure(fig, path)
-    written.append(path)
+    written.append(_finish(fig, ax, label, title or "accuracy against size",
+                           out.with_name(out.name + "_params.png"), legend_size=7))
     return written
+
+
+def _finish(fig: Any, ax: Any, ylabel: str, title: str, path: Path, *,
+            legend_size: int) -> Path:
+    """Label, legend and write one figure (atomically); returns its path."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return path
 
 
 def _save_figure(fig: Any, path: Path) -> None:
