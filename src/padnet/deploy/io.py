@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -227,13 +228,26 @@ def _rebuild(path: Path, header: dict[str, Any], model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_match(path: Path, model: nn.Module, tensors: dict[str, Tensor],
-                 header: dict[str, Any]) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
+def state_mismatch(
+    expected: dict[str, Tensor], tensors: dict[str, Tensor],
+    aliases: dict[str, Collection[str]] | None = None,
+) -> tuple[list[str], list[str], list[str]]:
+    """How ``tensors`` (read from a file) fail to fit a model's state dict ``expected``: keys
+    missing in the file (a key counts as present when one of its ``aliases`` is, e.g. tied
+    weights stored once), keys the model does not have (sorted), and shape mismatches as
+    ``"KEY (file shape) in the file, (model shape) in the model"``."""
+    aliases = aliases or {}
+    missing = [k for k in expected if k not in tensors
+               and not any(a in tensors for a in aliases.get(k, ()))]
     unexpected = sorted(k for k in tensors if k not in expected)
     shapes = [f"{k} {tuple(tensors[k].shape)} in the file, {tuple(expected[k].shape)} in the "
               "model" for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    return missing, unexpected, shapes
+
+
+def _check_match(path: Path, model: nn.Module, tensors: dict[str, Tensor],
+                 header: dict[str, Any]) -> None:
+    missing, unexpected, shapes = state_mismatch(model.state_dict(), tensors)
     if not (missing or unexpected or shapes):
         return
     parts = [f"{what}: {few(names)}" for what, names in (

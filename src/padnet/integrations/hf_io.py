@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from padnet.deploy.io import state_mismatch
 from padnet.integrations.record import check_record, conversion_record
 
 __all__ = ["CONFIG_KEY", "attach_record", "load_pretrained", "save_pretrained"]
@@ -131,13 +132,7 @@ def _aliases(model: nn.Module) -> dict[str, set[str]]:
 
 def _check_keys(directory: Path, model: nn.Module, tensors: dict[str, Tensor],
                 record: dict[str, Any] | None) -> None:
-    expected = model.state_dict()
-    aliases = _aliases(model)
-    missing = [k for k in expected if k not in tensors
-               and not any(a in tensors for a in aliases.get(k, ()))]
-    unexpected = sorted(k for k in tensors if k not in expected)
-    shapes = [f"{k}: {tuple(tensors[k].shape)} in the file, {tuple(expected[k].shape)} in the "
-              "model" for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    missing, unexpected, shapes = state_mismatch(model.state_dict(), tensors, _aliases(model))
     if not (missing or unexpected or shapes):
         return
     parts = [f"{what} ({len(keys)}): {', '.join(keys[:3])}" for what, keys in (
