@@ -10,6 +10,7 @@ import pytest
 
 from padnet.cli.main import main
 from padnet.train.evidence import (
+    curve_stats,
     render_table,
     significance_table,
     summary_table,
@@ -123,10 +124,34 @@ def test_latency_and_report_of_a_finished_suite(tmp_path, capsys) -> None:
     assert main(["sweep", str(suite), "--report", str(tmp_path / "doc")]) == 0
     out = capsys.readouterr().out
     for name in ("tiny.csv", "tiny_latency.csv", "tiny_kappa.png", "tiny_params.png",
-                 "tiny_layers.png"):
+                 "tiny_layers.png", "tiny_curves.png"):
         assert (tmp_path / "doc" / name).stat().st_size > 0
+    # the learning curves are every run's metrics.csv, row for row
+    curves = list(csv.DictReader((tmp_path / "doc" / "tiny_curves.csv").open()))
+    assert sorted({r["run"] for r in curves}) == sorted(
+        f"{v}-seed{s}" for v in ("static", "dynamic", "pad_0.5") for s in (0, 1))
+    for row in curves:
+        metrics = list(csv.DictReader((tmp_path / "out" / row["run"] / "metrics.csv").open()))
+        (same,) = [m for m in metrics if m["epoch"] == row["epoch"]]
+        assert (row["val_acc"], row["train_loss"]) == (same["val_acc"], same["train_loss"])
     assert "<!-- table: summary" in out and "latency ×static b=4" in out
     assert "<!-- table: significance" in out and "| pad_0.5 |" in out
+
+
+def test_curve_stats_average_each_epoch_over_the_seeds() -> None:
+    rows = [{"variant": "a", "epoch": "1", "val_acc": "0.5"},
+            {"variant": "a", "epoch": "1", "val_acc": "0.7"},
+            {"variant": "a", "epoch": "2", "val_acc": "0.8"},
+            {"variant": "a", "epoch": "2", "val_acc": ""},  # not evaluated that epoch
+            {"variant": "b", "epoch": "2", "val_acc": "0.9"},
+            {"variant": "b", "epoch": "1", "val_acc": "0.6"}]
+    stats = curve_stats(rows, "val_acc")
+    assert list(stats) == ["a", "b"]
+    (e1, m1, s1, n1), (e2, m2, s2, n2) = stats["a"]
+    assert (e1, n1, e2, n2) == (1.0, 2, 2.0, 1)
+    assert m1 == pytest.approx(0.6) and s1 == pytest.approx(math.sqrt(0.02))
+    assert (m2, s2) == (pytest.approx(0.8), 0.0)
+    assert [p[0] for p in stats["b"]] == [1.0, 2.0]  # sorted by epoch
 
 
 def test_paper_table_puts_our_gain_beside_the_paper_claim(tmp_path) -> None:

@@ -9,8 +9,9 @@ After the runs (see :mod:`padnet.train.evidence`): ``--latency`` times the expor
 the first finished run of each variant beside the static model and writes ``OUT/latency.csv``;
 ``--report DIR`` copies ``results.csv`` (and ``latency.csv``) to ``DIR/NAME.csv``
 (``DIR/NAME_latency.csv``), draws ``DIR/NAME_kappa.png``, ``DIR/NAME_params.png`` and, when the
-suite has PAD runs, ``DIR/NAME_layers.png``, and prints the tables with their
-``docs/RESULTS.md`` markers. Neither trains anything: run the suite first.
+suite has PAD runs, ``DIR/NAME_layers.png``, writes every run's per-epoch metrics to
+``DIR/NAME_curves.csv`` with their learning curves in ``DIR/NAME_curves.png``, and prints the
+tables with their ``docs/RESULTS.md`` markers. Neither trains anything: run the suite first.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def _report(suite: Path, directory: Path) -> None:
            and r.cfg.dynamic_ratio < 1 and r.cfg.imp.mode != "none" and r.seed == runs[0].seed]
     if pad:
         print(f"wrote {evidence.plot_layer_ratios(pad, directory / f'{name}_layers.png')}")
+    curves = evidence.collect_curves(runs)
+    if curves:
+        save_csv(directory / f"{name}_curves.csv", curves, evidence.CURVE_COLUMNS)
+        print(f"wrote {evidence.plot_curves(curves, directory / f'{name}_curves.png', title=name)}")
     print(f"\n<!-- table: {marker} -->\n{evidence.render_table(marker)}")
     variants = {r["variant"] for r in rows}
     for reference in ("dynamic", "moe"):  # the fully dynamic variant, if the suite has one

@@ -10,7 +10,9 @@ A suite (:mod:`padnet.train.sweep`) writes ``OUT/results.csv``. Three steps foll
   (Welch's unequal-variance t-test over the seeds, two-sided);
 - :func:`plot_suite` draws accuracy against the dynamic ratio (static and fully dynamic drawn as
   levels) and against the stored parameters; :func:`plot_layer_ratios` the per-layer dynamic
-  ratios IMP chose in one run (``padnet sweep SUITE --report DIR``).
+  ratios IMP chose in one run; :func:`collect_curves` gathers every run's per-epoch
+  ``metrics.csv`` and :func:`plot_curves` draws the learning curves, mean ± std over seeds per
+  variant (``padnet sweep SUITE --report DIR``).
 
 ``docs/RESULTS.md`` marks each table with ``<!-- table: KIND PATH [key=value ...] -->``;
 :func:`render_table` rebuilds the table from the files, and a test checks that the document
@@ -29,12 +31,15 @@ from typing import Any
 from padnet.train.sweep import load_suite, read_results
 from padnet.utils.io import atomic_write, save_csv
 
-__all__ = ["LATENCY_COLUMNS", "group_by_variant", "measure_suite_latency", "paper_table",
-           "plot_layer_ratios", "plot_suite", "render_table", "significance_table",
+__all__ = ["CURVE_COLUMNS", "LATENCY_COLUMNS", "collect_curves", "curve_stats",
+           "group_by_variant", "measure_suite_latency", "paper_table",
+           "plot_curves", "plot_layer_ratios", "plot_suite", "render_table", "significance_table",
            "summary_table", "update_tables", "welch_test"]
 
 LATENCY_COLUMNS = ("variant", "run", "batch", "static_ms", "model_ms", "ratio_to_static",
                    "deployed_params")
+CURVE_COLUMNS = ("run", "variant", "seed", "epoch", "step", "lr", "temperature", "dynamic_ratio",
+                 "train_loss", "train_acc", "val_loss", "val_acc")
 
 
 def group_by_variant(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -398,6 +403,66 @@ def plot_layer_ratios(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
     ax.set_ylabel("dynamic ratio")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_figure(fig, path)
+    return path
+
+
+# --------------------------------------------------------------------------- learning curves
+def collect_curves(runs: Sequence[Any]) -> list[dict[str, Any]]:
+    """The per-epoch rows (:data:`CURVE_COLUMNS`) of every finished run of a suite
+    (:class:`padnet.train.sweep.SweepRun`), read from the runs' ``metrics.csv``."""
+    import csv
+
+    rows = []
+    for run in runs:
+        metrics = run.run_dir / "metrics.csv"
+        if run.status() != "done" or not metrics.is_file():
+            continue
+        with metrics.open(newline="") as f:
+            for epoch_row in csv.DictReader(f):
+                rows.append({"run": run.name, "variant": run.variant, "seed": run.seed,
+                             **{k: epoch_row.get(k, "") for k in CURVE_COLUMNS[3:]}})
+    return rows
+
+
+def curve_stats(rows: Sequence[dict[str, Any]], metric: str
+                ) -> dict[str, list[tuple[float, float, float, int]]]:
+    """Per variant, ``(epoch, mean, std, n)`` of ``metric`` over the seeds at each epoch (std 0
+    for one seed); epochs without a value are left out."""
+    by_epoch: dict[str, dict[float, list[float]]] = {}
+    for row in rows:
+        if row.get(metric) in (None, ""):
+            continue
+        by_epoch.setdefault(str(row["variant"]), {}).setdefault(
+            float(row["epoch"]), []).append(float(row[metric]))
+    return {variant: [(epoch, *_mean_std(values), len(values))
+                      for epoch, values in sorted(epochs.items())]
+            for variant, epochs in by_epoch.items()}
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
+    """Learning curves: training loss and validation accuracy against the epoch, one line per
+    variant (mean over seeds, ± std as a band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric, label in ((axes[0], "train_loss", "training loss"),
+                              (axes[1], "val_acc", "validation accuracy")):
+        for variant, points in curve_stats(rows, metric).items():
+            epochs = [p[0] for p in points]
+            (line,) = ax.plot(epochs, [p[1] for p in points], marker=".", label=variant)
+            ax.fill_between(epochs, [p[1] - p[2] for p in points],
+                            [p[1] + p[2] for p in points], color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title or "learning curves (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
