@@ -125,6 +125,26 @@ def test_an_empty_deployed_layer_loads_the_state_dict(kind) -> None:
     torch.testing.assert_close(fresh(x), deployed(x))
 
 
+@pytest.mark.parametrize("kind", ["dyconv", "odconv", "moe"])
+def test_a_pruned_weight_stores_no_static_values(kind) -> None:
+    if kind == "moe":
+        torch.manual_seed(0)
+        layer = MoE(6, 10, num_experts=4, top_k=2, scale_mode="prune", dynamic_ratio=0.4).double()
+        x = torch.randn(9, 6, dtype=torch.float64)
+    else:
+        layer = conv_layer(kind, 1, "prune")
+        set_mask(layer, "element")
+        x = torch.randn(4, 8, 6, 6, dtype=torch.float64)
+    deployed = padnet.export(layer)
+    state = deployed.state_dict()
+    static = [k for k in state if k.endswith("static_values")]
+    assert static and all(state[k].numel() == 0 for k in static)
+    fresh = (DeployedMoE if kind == "moe" else DeployedConv2d)(deployed.spec).double()
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), layer.eval()(x))
+
+
 def test_an_empty_deployed_moe_loads_the_state_dict() -> None:
     torch.manual_seed(0)
     layer = MoE(6, 10, num_experts=4, top_k=2, activation="relu", dynamic_ratio=0.5).double()

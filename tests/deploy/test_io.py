@@ -292,3 +292,30 @@ def test_a_deployed_layer_that_is_the_whole_model_comes_back(tmp_path) -> None:
     x = torch.randn(2, 4, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), deployed(x))
+
+
+def test_a_pruned_model_stores_no_static_values_and_comes_back(tmp_path) -> None:
+    """Scale mode prune zeroes the static part: the exported file leaves it out, padnet.stats
+    does not count it, and the reloaded model computes what the trained one did."""
+    def converted(scale_mode: str) -> nn.Module:
+        torch.manual_seed(0)
+        model = create_model("resnet8", num_classes=10, in_chans=1)
+        padnet.dynamize(model, "dyconv", init="copy_noise", copy_noise_std=0.1,
+                        dynamic_ratio=0.3, scale_mode=scale_mode)
+        return model.eval()
+
+    kept, pruned = converted("both"), converted("prune")
+    layers = padnet.stats(pruned).layers
+    assert layers and all(s.static_params == 0 and s.pruned for s in layers)
+    assert padnet.stats(pruned).stored_params == (
+        padnet.stats(kept).stored_params - sum(s.numel - s.num_dynamic for s in layers))
+    deployed = padnet.export(pruned)
+    static = {k: v for k, v in deployed.state_dict().items() if k.endswith("static_values")}
+    assert len(static) == len(layers) and all(v.numel() == 0 for v in static.values())
+    assert (stored_bytes(padnet.export(kept))["pad_layers"] - stored_bytes(deployed)["pad_layers"]
+            == 4 * sum(s.numel - s.num_dynamic for s in layers))
+    padnet.save(deployed, tmp_path / "pruned.safetensors")
+    loaded = padnet.load(tmp_path / "pruned.safetensors")
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pruned(x), rtol=1e-5, atol=1e-5)

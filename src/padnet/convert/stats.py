@@ -88,6 +88,7 @@ class LayerStats:
     num_factors: int  # K kernels or E experts
     numel: int  # N positions of one weight
     num_dynamic: int  # kappa * N
+    pruned: bool = False  # scale mode prune: the static part is zero and not stored
 
     @property
     def dynamic_ratio(self) -> float:
@@ -100,8 +101,8 @@ class LayerStats:
 
     @property
     def static_params(self) -> int:
-        """Stored static values: ``(1 - kappa) * N``."""
-        return self.numel - self.num_dynamic
+        """Stored static values: ``(1 - kappa) * N`` (none when pruned)."""
+        return 0 if self.pruned else self.numel - self.num_dynamic
 
     @property
     def stored_params(self) -> int:
@@ -213,7 +214,8 @@ def stats(model: nn.Module, inputs: Any = None, *, export_path: str = "auto") ->
             name = qualified_name(layer_name, layer, w.name)
             mask = w.mode_mask
             result.layers.append(LayerStats(name, type(layer).__name__, w.num_factors,
-                                            mask.numel, mask.num_dynamic))
+                                            mask.numel, mask.num_dynamic,
+                                            mask.scale_mode == "prune"))
             pad_weight_params += w.dynamic.numel() + w.static.numel()
     total = sum(p.numel() for p in model.parameters())
     result.other_params = total - pad_weight_params

@@ -6,10 +6,12 @@ positions) and ``D_k = lam_d M * W_k`` (non-zero only at dynamic positions). Sto
 * ``mask_bits``: the mask, eight positions per byte (uint8);
 * ``dynamic_values``: ``(K, n_dynamic)``, the values of ``D_k`` at the dynamic positions in flat
   (row-major) order -- for a channel mask these are whole rows, i.e. dense blocks;
-* ``static_values``: ``(n_static,)``, the values of ``S`` at the static positions.
+* ``static_values``: ``(n_static,)``, the values of ``S`` at the static positions -- or nothing
+  (an empty tensor) for a pruned weight (scale mode ``prune``, ``lam_s = 0``: ``S`` is zero).
 
-That is ``K * kappa * N + (1 - kappa) * N`` values plus ``N / 8`` bytes, instead of ``K * N``
-for a fully dynamic weight. :func:`unpack` rebuilds the dense tensors once, at load time.
+That is ``K * kappa * N + (1 - kappa) * N`` values plus ``N / 8`` bytes (``K * kappa * N`` values
+when pruned), instead of ``K * N`` for a fully dynamic weight. :func:`unpack` rebuilds the dense
+tensors once, at load time.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["blank_mask_bits", "pack", "pack_bits", "unpack", "unpack_bits"]
+__all__ = ["blank_mask_bits", "pack", "pack_bits", "static_size", "unpack", "unpack_bits"]
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -47,31 +49,44 @@ def blank_mask_bits(numel: int, num_dynamic: int) -> Tensor:
     return pack_bits(torch.arange(numel) < num_dynamic)
 
 
-def pack(dynamic: Tensor, static: Tensor, mask: Tensor) -> dict[str, Tensor]:
+def pack(dynamic: Tensor, static: Tensor, mask: Tensor, *, pruned: bool = False
+         ) -> dict[str, Tensor]:
     """Stored form of folded factors ``dynamic (K, *shape)`` and static weight ``static``
-    (``shape``) under ``mask`` (``shape``, True = dynamic)."""
+    (``shape``) under ``mask`` (``shape``, True = dynamic); ``pruned``: the static part is zero
+    and is not stored."""
     k = dynamic.shape[0]
     flat_mask = mask.reshape(-1).to(torch.bool)
+    static_values = static.detach().reshape(-1)[~flat_mask.to(static.device)]
+    if pruned:
+        if bool(static_values.any()):
+            raise ValueError("a pruned PAD weight must have a zero static part")
+        static_values = static_values[:0]
     return {
         "mask_bits": pack_bits(flat_mask),
         "dynamic_values": dynamic.detach().reshape(k, -1)[:, flat_mask.to(dynamic.device)]
         .contiguous(),
-        "static_values": static.detach().reshape(-1)[~flat_mask.to(static.device)].contiguous(),
+        "static_values": static_values.contiguous(),
     }
+
+
+def static_size(numel: int, num_dynamic: int, pruned: bool) -> int:
+    """Length of ``static_values`` for a weight of ``numel`` positions (0 when pruned)."""
+    return 0 if pruned else numel - num_dynamic
 
 
 def unpack(stored: dict[str, Tensor], shape: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
     """``(dynamic (K, *shape), static (shape), mask (shape))`` rebuilt densely from the stored
-    form (zeros where a tensor holds nothing)."""
+    form (zeros where a tensor holds nothing; an empty ``static_values`` is a pruned weight)."""
     mask = unpack_bits(stored["mask_bits"], shape).to(stored["dynamic_values"].device)
     values, static_values = stored["dynamic_values"], stored["static_values"]
     flat = mask.reshape(-1)
     n_dyn = int(flat.sum())
-    if values.shape[-1] != n_dyn or static_values.numel() != flat.numel() - n_dyn:
+    if values.shape[-1] != n_dyn or static_values.numel() not in (0, flat.numel() - n_dyn):
         raise ValueError(f"stored PAD weight does not fit its mask: {n_dyn} dynamic positions, "
                          f"{tuple(values.shape)} dynamic values, {static_values.numel()} static")
     dynamic = values.new_zeros(values.shape[0], flat.numel())
     dynamic[:, flat] = values
     static = static_values.new_zeros(flat.numel())
-    static[~flat] = static_values
+    if static_values.numel():
+        static[~flat] = static_values
     return dynamic.view(values.shape[0], *shape), static.view(shape), mask

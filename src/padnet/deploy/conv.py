@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from padnet.deploy.compact import blank_mask_bits, pack, unpack
+from padnet.deploy.compact import blank_mask_bits, pack, static_size, unpack
 from padnet.layers.odconv import ODConv2d, attention_tensor
 from padnet.layers.pad_conv import PadConv2d, dynamic_same_pad4
 from padnet.layers.routing import ConvRouter, ODAttention, ODConvRouter
@@ -102,7 +102,8 @@ class DeployedConv2d(nn.Module):
         self.weight_shape = shape
         self.register_buffer("mask_bits", blank_mask_bits(n, nd))
         self.register_buffer("dynamic_values", torch.zeros(k, nd))
-        self.register_buffer("static_values", torch.zeros(n - nd))
+        pruned = s.get("pruned", False)  # absent in files written before pruned weights
+        self.register_buffer("static_values", torch.zeros(static_size(n, nd, pruned)))
         self.register_buffer("bias", torch.zeros(k, self.out_channels) if s["bias"] else None)
         self.mode: str | None = None  # set by rebuild(), from the stored form once it is filled
         self.register_load_state_dict_post_hook(lambda module, _: module.rebuild())
@@ -126,7 +127,9 @@ class DeployedConv2d(nn.Module):
         mm = layer.mode_mask
         lam_d, lam_s = (float(v.detach()) for v in mm.scales())
         mask = mm.mask.to(layer.weight.device)
-        stored = pack(layer.weight * lam_d * mask, layer.static_weight * lam_s * ~mask, mask)
+        pruned = mm.scale_mode == "prune"
+        stored = pack(layer.weight * lam_d * mask, layer.static_weight * lam_s * ~mask, mask,
+                      pruned=pruned)
         odconv = isinstance(layer, ODConv2d)
         router = _fold_temperature(layer.router)
         hidden = router.fc.out_features if odconv else (
@@ -138,7 +141,8 @@ class DeployedConv2d(nn.Module):
                 "padding_mode": layer.padding_mode,
                 "num_kernels": layer.num_kernels, "bias": layer.bias is not None,
                 "routing": "odconv" if odconv else layer.router.activation,
-                "router_hidden": hidden, "num_dynamic": int(mask.sum()), "path": path}
+                "router_hidden": hidden, "num_dynamic": int(mask.sum()), "path": path,
+                "pruned": pruned}
         out = cls(spec).to(device=layer.weight.device, dtype=layer.weight.dtype)
         out.router.load_state_dict(router.state_dict())
         for name, value in stored.items():

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from padnet.deploy.compact import blank_mask_bits, pack, unpack
+from padnet.deploy.compact import blank_mask_bits, pack, static_size, unpack
 from padnet.layers.activations import ACTIVATIONS, activation_key
 from padnet.layers.moe import MoE
 from padnet.ops import dispatch as dsp
@@ -60,7 +60,8 @@ class DeployedMoE(nn.Module):
             n, nd = math.prod(self.shapes[m]), s[f"{m}_num_dynamic"]
             self.register_buffer(f"{m}_mask_bits", blank_mask_bits(n, nd))
             self.register_buffer(f"{m}_dynamic_values", torch.zeros(e, nd))
-            self.register_buffer(f"{m}_static_values", torch.zeros(n - nd))
+            pruned = s.get(f"{m}_pruned", False)
+            self.register_buffer(f"{m}_static_values", torch.zeros(static_size(n, nd, pruned)))
         self.register_buffer("b1", torch.zeros(e, i) if s["bias"] else None)
         self.register_buffer("b2", torch.zeros(e, h) if s["bias"] else None)
         self.register_buffer("b3", torch.zeros(e, i) if s["bias"] and self.gated else None)
@@ -83,8 +84,11 @@ class DeployedMoE(nn.Module):
             mm = w.mode_mask
             lam_d, lam_s = (float(v.detach()) for v in mm.scales())
             mask = mm.mask.to(w.dynamic.device)
-            stored[w.name] = pack(w.dynamic * lam_d * mask, w.static * lam_s * ~mask, mask)
+            pruned = mm.scale_mode == "prune"
+            stored[w.name] = pack(w.dynamic * lam_d * mask, w.static * lam_s * ~mask, mask,
+                                  pruned=pruned)
             spec[f"{w.name}_num_dynamic"] = int(mask.sum())
+            spec[f"{w.name}_pruned"] = pruned
         out = cls(spec, activation=layer.act).to(device=layer.w1.device, dtype=layer.w1.dtype)
         out.router.weight.copy_(layer.router.weight)
         for m in out.matrices:
