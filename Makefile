@@ -40,8 +40,9 @@ demo: install data
 
 # The CPU experiment suites of docs/RESULTS.md, resumable (finished runs are skipped): train, time
 # the exported models against static, then copy the results and plots to docs/results.
-SUITES := fmnist_recipe_search_cpu fmnist_w8_cpu fmnist_ablations_cpu mobilenet_v2_cpu \
-          minilm_rt_cpu minilm_conll_cpu
+SUITES := fmnist_recipe_search_cpu fmnist_w8_cpu fmnist_ablations_cpu \
+          fmnist_scoring_batches_cpu mobilenet_v2_cpu minilm_rt_cpu minilm_conll_cpu \
+          minilm_ablations_cpu
 results: install data
 	for s in $(SUITES); do \
 	  $(VENV)/bin/padnet sweep configs/experiments/$$s.yaml && \
