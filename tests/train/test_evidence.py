@@ -11,6 +11,7 @@ import pytest
 from padnet.cli.main import main
 from padnet.train.evidence import (
     curve_stats,
+    holm_adjust,
     render_table,
     significance_table,
     summary_table,
@@ -64,11 +65,32 @@ def test_significance_table_compares_every_variant_with_the_reference() -> None:
     rows = _rows({"static": [0.80, 0.81, 0.79], "dynamic": [0.90, 0.91, 0.89],
                   "pad_0.3": [0.905, 0.895, 0.90], "pad_0.5": [0.9]})
     table = significance_table(rows).splitlines()
-    assert table[2].startswith("| static | -0.1000 | 0.000 | lower |")
-    assert table[3] == "| pad_0.3 | +0.0000 | 1.000 | no difference shown |"
-    assert table[4] == "| pad_0.5 | | | too few seeds |"
+    assert table[0] == "| variant | test_acc − dynamic | Welch p | Holm p | at 0.05 (Holm) |"
+    assert table[2] == "| static | -0.1000 | 0.000 | 0.001 | lower |"  # p 0.00026, x 2
+    assert table[3] == "| pad_0.3 | +0.0000 | 1.000 | 1.000 | no difference shown |"
+    assert table[4] == "| pad_0.5 | | | | too few seeds |"
     with pytest.raises(ValueError, match="reference variant 'moe' is not in the results"):
         significance_table(rows, reference="moe")
+
+
+def test_holm_adjustment_matches_the_hand_computation() -> None:
+    # sorted 0.005, 0.01, 0.03, 0.04 with m = 4: 4 x 0.005, 3 x 0.01, 2 x 0.03, then 1 x 0.04
+    # raised to the running maximum 0.06; returned in the input order
+    got = holm_adjust([0.01, 0.04, 0.03, 0.005])
+    assert got == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjust([0.6, 0.9]) == [1.0, 1.0] and holm_adjust([]) == []
+    assert holm_adjust([0.02]) == [0.02]  # one comparison: unchanged
+
+
+def test_one_borderline_p_among_ten_is_not_significant_after_holm() -> None:
+    spread = [0.0, 0.01, -0.01]
+    rows = _rows({"ref": [0.5 + d for d in spread],
+                  "up": [0.525 + d for d in spread],  # alone: p < 0.05
+                  **{f"v{i}": [0.5 + d + 0.001 * i for d in spread] for i in range(9)}})
+    table = significance_table(rows, reference="ref").splitlines()
+    (up,) = [line for line in table if line.startswith("| up |")]
+    cells = [c.strip() for c in up.strip("|").split("|")]
+    assert float(cells[2]) < 0.05 <= float(cells[3]) and cells[4] == "no difference shown"
 
 
 def test_render_table_reads_its_marker(tmp_path) -> None:

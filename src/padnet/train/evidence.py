@@ -7,7 +7,8 @@ A suite (:mod:`padnet.train.sweep`) writes ``OUT/results.csv``. Three steps foll
   run per variant beside the static model of the same architecture, on the same random inputs
   with interleaved repetitions, and writes ``OUT/latency.csv`` (``padnet sweep SUITE --latency``);
 - :func:`welch_test` / :func:`significance_table` compare every variant with a reference variant
-  (Welch's unequal-variance t-test over the seeds, two-sided);
+  (Welch's unequal-variance t-test over the seeds, two-sided; Holm's adjustment over the
+  table's comparisons decides what counts as significant);
 - :func:`plot_suite` draws accuracy against the dynamic ratio (static and fully dynamic drawn as
   levels) and against the stored parameters; :func:`plot_layer_ratios` the per-layer dynamic
   ratios IMP chose in one run; :func:`collect_curves` gathers every run's per-epoch
@@ -32,7 +33,7 @@ from padnet.train.sweep import load_suite, read_results
 from padnet.utils.io import atomic_write, save_csv
 
 __all__ = ["CURVE_COLUMNS", "LATENCY_COLUMNS", "collect_curves", "curve_stats",
-           "group_by_variant", "measure_suite_latency", "paper_table",
+           "group_by_variant", "holm_adjust", "measure_suite_latency", "paper_table",
            "plot_curves", "plot_layer_ratios", "plot_suite", "render_table", "significance_table",
            "summary_table", "update_tables", "welch_test"]
 
@@ -82,29 +83,47 @@ def welch_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     return diff, float(stats.ttest_ind(list(a), list(b), equal_var=False).pvalue)
 
 
+def holm_adjust(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of ``pvalues`` (one family of comparisons), in their order:
+    the i-th smallest becomes ``max over j <= i of min(1, (m - j + 1) p_(j))``. Rejecting where
+    the adjusted p is below alpha keeps the chance of any false "significant" in the family at
+    most alpha."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def significance_table(rows: Sequence[dict[str, Any]], *, reference: str = "dynamic",
                        metric: str = "test_acc", alpha: float = 0.05) -> str:
     """Markdown table: every other variant against ``reference`` on ``metric`` — the difference
-    of the means, Welch's two-sided p over the seeds, and whether it is significant at
-    ``alpha``."""
+    of the means, Welch's two-sided p over the seeds, that p adjusted by Holm's method over the
+    table's comparisons (:func:`holm_adjust`: a table of ten ablations is ten tests), and
+    whether the adjusted p is below ``alpha``."""
     groups = group_by_variant(rows)
     if reference not in groups:
         raise ValueError(f"reference variant {reference!r} is not in the results; variants: "
                          f"{', '.join(groups)}")
     ref = _floats(groups[reference], metric)
-    lines = [f"| variant | {metric} − {reference} | Welch p | at {alpha:g} |",
-             "|---|---:|---:|---|"]
+    tests: dict[str, tuple[float, float] | None] = {}
     for name, group in groups.items():
-        if name == reference:
+        if name != reference:
+            values = _floats(group, metric)
+            tests[name] = welch_test(values, ref) if min(len(values), len(ref)) >= 2 else None
+    done = [name for name, t in tests.items() if t is not None]
+    holm = dict(zip(done, holm_adjust([tests[n][1] for n in done]), strict=True))
+    lines = [f"| variant | {metric} − {reference} | Welch p | Holm p | at {alpha:g} (Holm) |",
+             "|---|---:|---:|---:|---|"]
+    for name, test in tests.items():
+        if test is None:
+            lines.append(f"| {name} | | | | too few seeds |")
             continue
-        values = _floats(group, metric)
-        if len(values) < 2 or len(ref) < 2:
-            lines.append(f"| {name} | | | too few seeds |")
-            continue
-        diff, p = welch_test(values, ref)
-        verdict = ("no difference shown" if p >= alpha else
+        diff, p = test
+        verdict = ("no difference shown" if holm[name] >= alpha else
                    "higher" if diff > 0 else "lower")
-        lines.append(f"| {name} | {diff:+.4f} | {p:.3f} | {verdict} |")
+        lines.append(f"| {name} | {diff:+.4f} | {p:.3f} | {holm[name]:.3f} | {verdict} |")
     return "\n".join(lines)
 
 
