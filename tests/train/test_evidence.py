@@ -61,6 +61,17 @@ def test_welch_test_of_constant_samples_and_too_few_values() -> None:
         welch_test([1.0], [1.0, 2.0, 3.0])
 
 
+def test_welch_test_with_one_constant_sample_is_the_one_sample_test() -> None:
+    # var_a = 0: t = (mean_a - mean_b) / sqrt(var_b / n_b) with n_b - 1 degrees of freedom,
+    # i.e. the one-sample t-test of b against mean_a (three seeds with the same accuracy happen)
+    from scipy import stats
+
+    b = [0.75, 0.772, 0.761]
+    diff, p = welch_test([0.76] * 3, b)
+    assert diff == pytest.approx(0.76 - sum(b) / 3)
+    assert p == pytest.approx(stats.ttest_1samp(b, 0.76).pvalue, rel=1e-9)
+
+
 def test_significance_table_compares_every_variant_with_the_reference() -> None:
     rows = _rows({"static": [0.80, 0.81, 0.79], "dynamic": [0.90, 0.91, 0.89],
                   "pad_0.3": [0.905, 0.895, 0.90], "pad_0.5": [0.9]})

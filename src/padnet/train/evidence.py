@@ -75,12 +75,16 @@ def welch_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     and different (scipy, the ``results`` extra)."""
     if len(a) < 2 or len(b) < 2:
         raise ValueError(f"a t-test needs at least 2 values per side, got {len(a)} and {len(b)}")
-    diff = sum(a) / len(a) - sum(b) / len(b)
-    if _mean_std(a)[1] == 0 and _mean_std(b)[1] == 0:
+    (mean_a, std_a), (mean_b, std_b) = _mean_std(a), _mean_std(b)
+    diff = mean_a - mean_b
+    if std_a == 0 and std_b == 0:
         return diff, 1.0 if diff == 0 else 0.0
     from scipy import stats
 
-    return diff, float(stats.ttest_ind(list(a), list(b), equal_var=False).pvalue)
+    # from the summary statistics: one sample of equal values (e.g. three seeds with the same
+    # accuracy) is a valid input, not a precision problem
+    return diff, float(stats.ttest_ind_from_stats(mean_a, std_a, len(a), mean_b, std_b, len(b),
+                                                  equal_var=False).pvalue)
 
 
 def holm_adjust(pvalues: Sequence[float]) -> list[float]:
@@ -347,9 +351,11 @@ def plot_suite(rows: Sequence[dict[str, Any]], out: str | Path, *, title: str = 
     pad, static, dynamic = _kappa_groups(rows, metric)
     written = []
 
+    moe = any(r.get("method") == "moe" for r in rows)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for accs, colour, name in ((static, "tab:grey", "static"), (dynamic, "tab:blue",
-                                                                "fully dynamic")):
+    for accs, colour, name in ((static, "tab:grey", "dense" if moe else "static"),
+                               (dynamic, "tab:blue", "fully dynamic (MoE)" if moe
+                                else "fully dynamic")):
         if accs:
             mean, std = _mean_std(accs)
             ax.axhline(mean, color=colour, label=f"{name} ({len(accs)} seeds)")
@@ -469,6 +475,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, label in ((axes[0], "train_loss", "training loss"),
@@ -479,6 +486,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str 
             ax.fill_between(epochs, [p[1] - p[2] for p in points],
                             [p[1] + p[2] for p in points], color=line.get_color(), alpha=0.15)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
     axes[1].legend(fontsize=7)
     fig.suptitle(title or "learning curves (mean ± std over seeds)", fontsize=10)
