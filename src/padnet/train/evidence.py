@@ -439,17 +439,14 @@ def plot_layer_ratios(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
 def collect_curves(runs: Sequence[Any]) -> list[dict[str, Any]]:
     """The per-epoch rows (:data:`CURVE_COLUMNS`) of every finished run of a suite
     (:class:`padnet.train.sweep.SweepRun`), read from the runs' ``metrics.csv``."""
-    import csv
-
     rows = []
     for run in runs:
         metrics = run.run_dir / "metrics.csv"
         if run.status() != "done" or not metrics.is_file():
             continue
-        with metrics.open(newline="") as f:
-            for epoch_row in csv.DictReader(f):
-                rows.append({"run": run.name, "variant": run.variant, "seed": run.seed,
-                             **{k: epoch_row.get(k, "") for k in CURVE_COLUMNS[3:]}})
+        rows += [{"run": run.name, "variant": run.variant, "seed": run.seed,
+                  **{k: epoch_row.get(k, "") for k in CURVE_COLUMNS[3:]}}
+                 for epoch_row in read_results(metrics)]
     return rows
 
 
