@@ -76,6 +76,15 @@ def test_set_scale_mode_on_a_model_counts_the_layers_and_freezes_phi():
     assert all(not m.mode_mask.phi.requires_grad for m in model)
 
 
+def test_only_scale_mode_prune_marks_a_mask_pruned_and_drops_the_static_part():
+    mm = ModeMask((4,), 2, dynamic_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    for mode in ("both", "static_only", "dynamic_only", "none"):
+        mm.set_scale_mode(mode)
+        assert not mm.pruned and mm.has_static()
+    mm.set_scale_mode("prune")
+    assert mm.pruned and not mm.has_static()
+
+
 def test_set_scale_mode_rejects_an_unknown_mode():
     model = torch.nn.Sequential(DynamicConv2d(2, 2, 1), DynamicConv2d(2, 2, 1))
     with pytest.raises(ValueError, match="scale_mode must be one of .*'x'"):

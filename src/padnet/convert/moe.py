@@ -501,7 +501,7 @@ def _convert(
     moe = _build(block.match, activation, num_experts, top_k, init, copy_noise_std, kwargs)
     moe.train(block.owner.training)
     exact = checked and init == "copy" and not any(  # prune: static positions are zero
-        p.mode_mask.scale_mode == "prune" and p.mode_mask.num_dynamic < p.mode_mask.numel
+        p.mode_mask.pruned and p.mode_mask.num_dynamic < p.mode_mask.numel
         for p in moe.pad_weights())
     if exact:  # the upcycled MoE equals the dense FFN
         with _eval_mode(moe):

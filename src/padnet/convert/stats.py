@@ -215,7 +215,7 @@ def stats(model: nn.Module, inputs: Any = None, *, export_path: str = "auto") ->
             mask = w.mode_mask
             result.layers.append(LayerStats(name, type(layer).__name__, w.num_factors,
                                             mask.numel, mask.num_dynamic,
-                                            mask.scale_mode == "prune"))
+                                            mask.pruned))
             pad_weight_params += w.dynamic.numel() + w.static.numel()
     total = sum(p.numel() for p in model.parameters())
     result.other_params = total - pad_weight_params

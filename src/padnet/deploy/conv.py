@@ -127,7 +127,7 @@ class DeployedConv2d(nn.Module):
         mm = layer.mode_mask
         lam_d, lam_s = (float(v.detach()) for v in mm.scales())
         mask = mm.mask.to(layer.weight.device)
-        pruned = mm.scale_mode == "prune"
+        pruned = mm.pruned
         stored = pack(layer.weight * lam_d * mask, layer.static_weight * lam_s * ~mask, mask,
                       pruned=pruned)
         odconv = isinstance(layer, ODConv2d)

@@ -84,7 +84,7 @@ class DeployedMoE(nn.Module):
             mm = w.mode_mask
             lam_d, lam_s = (float(v.detach()) for v in mm.scales())
             mask = mm.mask.to(w.dynamic.device)
-            pruned = mm.scale_mode == "prune"
+            pruned = mm.pruned
             stored[w.name] = pack(w.dynamic * lam_d * mask, w.static * lam_s * ~mask, mask,
                                   pruned=pruned)
             spec[f"{w.name}_num_dynamic"] = int(mask.sum())

@@ -206,10 +206,16 @@ class ModeMask(nn.Module):
             return None
         return self.scales()[0]
 
+    @property
+    def pruned(self) -> bool:
+        """True in scale mode ``prune``: ``lam_s = 0``, the static positions are zero and an
+        exported model stores none of them."""
+        return self.scale_mode == "prune"
+
     def has_static(self) -> bool:
         """False where ``lam_s * (1 - M) * W_s`` is exactly zero: an all-dynamic mask, or scale
         mode ``prune`` (``lam_s = 0``). Layers skip the static part then."""
-        return self.state() != "dynamic" and self.scale_mode != "prune"
+        return self.state() != "dynamic" and not self.pruned
 
     def dynamic(self, weight: Tensor) -> Tensor:
         """``lam_d * M * weight`` for dynamic factors of shape ``(..., *shape)``.
