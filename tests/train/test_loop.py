@@ -97,6 +97,8 @@ def test_run_directory_holds_config_metrics_checkpoint_weights_and_summary(full_
     assert json.loads(meta["padnet_model_info"])["num_classes"] == 3
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final"]["epoch"] == 2 and summary["steps"] == 8
+    env = summary["environment"]
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
 
 
 def test_oneshot_partition_reaches_the_ratio(tiny_npz, tmp_path):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -349,7 +350,9 @@ class Trainer:
                  f"step {self.state.step_in_epoch} of {self.steps_per_epoch})")
 
     def summary(self) -> dict[str, Any]:
-        """The run's summary (``summary.json``), JSON-safe."""
+        """The run's summary (``summary.json``), JSON-safe. ``environment`` records the versions
+        and the number of torch threads: on a CPU the thread count changes the order of floating
+        point sums, so runs under different counts differ by more than rounding."""
         import padnet
 
         history, imp = self.state.history, self.imp_result
@@ -361,7 +364,10 @@ class Trainer:
             "imp": imp.to_dict() if hasattr(imp, "to_dict") else imp,
             "exits": self._exit_summary(),
             "steps": self.state.global_step, "train_time_s": self.state.train_time_s,
-            "world_size": self.dist.world_size, "device": str(self.device)}, default=str))
+            "world_size": self.dist.world_size, "device": str(self.device),
+            "environment": {"padnet": padnet.__version__, "torch": torch.__version__,
+                            "python": platform.python_version(),
+                            "torch_threads": torch.get_num_threads()}}, default=str))
 
     def _exit_summary(self) -> dict[str, Any] | None:
         """Per-exit accuracies of the last evaluation and, in a single process, early-exit
