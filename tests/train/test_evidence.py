@@ -12,6 +12,7 @@ from padnet.cli.main import main
 from padnet.train.evidence import (
     curve_stats,
     holm_adjust,
+    plot_layer_ratios,
     render_table,
     significance_table,
     summary_table,
@@ -218,3 +219,23 @@ def test_update_tables_fills_placeholders_and_refreshes_tables(tmp_path) -> None
     text = doc.read_text()
     assert summary_table(rows) + "\n\ntext" in text
     assert significance_table(rows) + "\n\nend" in text and "old" not in text
+
+
+def test_layer_ratio_plot_of_eleven_runs_and_a_run_without_imp(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    import json
+
+    runs = []
+    for i in range(11):  # more runs than the default colour cycle has colours
+        run = tmp_path / f"v{i}-seed0"
+        run.mkdir()
+        layers = [{"name": f"layer{j}", "dynamic_ratio": (i + j) / 20} for j in range(3)]
+        (run / "summary.json").write_text(json.dumps({"imp": {"layers": layers}}))
+        runs.append(run)
+    out = plot_layer_ratios(runs, tmp_path / "plots" / "layers.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    static = tmp_path / "static-seed0"
+    static.mkdir()
+    (static / "summary.json").write_text(json.dumps({"imp": None}))
+    with pytest.raises(ValueError, match="no IMP record"):
+        plot_layer_ratios([static], tmp_path / "x.png")

@@ -418,16 +418,19 @@ def plot_layer_ratios(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
         ratios = {layer["name"]: layer["dynamic_ratio"] for layer in imp["layers"]}
         layers += [n for n in ratios if n not in layers]
         series[Path(run_dir).name] = ratios
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(layers) + 2), 3.8))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(layers) + 2) + 2.0, 3.8))
     width = 0.8 / len(series)
+    # more runs than the default cycle's ten colours would repeat a colour: take tab20's then
+    colors = plt.get_cmap("tab20").colors if len(series) > 10 else [None] * len(series)
     for i, (name, ratios) in enumerate(series.items()):
         xs = [j + i * width for j in range(len(layers))]
-        ax.bar(xs, [ratios.get(n, 0.0) for n in layers], width=width, label=name)
+        ax.bar(xs, [ratios.get(n, 0.0) for n in layers], width=width, label=name,
+               color=colors[i % len(colors)])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))])
     ax.set_xticklabels(layers, rotation=70, fontsize=7, ha="right")
     ax.set_ylabel("dynamic ratio")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not over, bars
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
