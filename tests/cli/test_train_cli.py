@@ -80,11 +80,12 @@ def test_partition_of_a_model_built_from_a_config(config, tmp_path, capsys):
     assert "imp_mode: none" in (tmp_path / "fresh" / "config.yaml").read_text()
 
 
-def test_bench_of_a_model_given_by_flags(tmp_path, capsys):
+def test_bench_of_a_model_given_by_flags(tmp_path, capsys, one_thread):
     assert main(["bench", "--model", "resnet8", "--width", "4", "--method", "dyconv",
                  "--dynamic-ratio", "0.3", "--batch-sizes", "1,4", "--reps", "2",
-                 "--image-size", "8", "--out", str(tmp_path / "bench.csv")]) == 0
+                 "--image-size", "8", "--threads", "2", "--out", str(tmp_path / "bench.csv")]) == 0
     out = capsys.readouterr().out
+    assert ", 2 threads," in out  # the config key --threads (one_thread restores the count)
     for name in ("static", "dynamic", "pad"):
         assert name in out
     assert len((tmp_path / "bench.csv").read_text().splitlines()) == 1 + 2 * 3

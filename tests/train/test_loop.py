@@ -122,6 +122,17 @@ def test_an_existing_run_is_replaced_only_with_overwrite(tiny_npz, tmp_path):
         train(cfg.replace(out_dir=str(tmp_path / "empty")), resume=True, quiet=True)
 
 
+def test_the_threads_key_sets_and_records_the_cpu_thread_count(tiny_npz, tmp_path):
+    # the one_thread fixture set 1 and restores the count afterwards
+    result = train(tiny_config(tiny_npz, tmp_path / "run", "--epochs", "1", "--threads", "2"),
+                   quiet=True)
+    assert torch.get_num_threads() == 2
+    assert result.summary["environment"]["torch_threads"] == 2
+    assert load_config(tmp_path / "run" / "config.yaml").threads == 2
+    with pytest.raises(ValueError, match="threads"):
+        tiny_config(tiny_npz, tmp_path / "bad", "--threads", "-1").validate()
+
+
 def test_learning_rate_schedule():
     kw = {"base": 1.0, "min_lr": 0.1, "total": 10, "warmup": 2}
     assert [lr_at(s, schedule="cosine", **kw) for s in (0, 1)] == [0.5, 1.0]

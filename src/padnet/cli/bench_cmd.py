@@ -29,7 +29,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated (default 1,32)")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per version")
     p.add_argument("--num-classes", type=int, default=10, help="for models built from a config")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--out", type=Path, default=None, help="also write the table as CSV")
     add_config_arguments(p)
     p.set_defaults(run=run)
@@ -71,11 +70,11 @@ def run(args: argparse.Namespace) -> int:
     from padnet.utils.checks import check_int
     from padnet.utils.io import atomic_write
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     sizes = batch_sizes(args.batch_sizes)
     check_int(args.reps, "--reps", 1)
     cfg, models, info = _models(args)
+    if cfg.threads:  # the config key (--threads N, or the run's own setting)
+        torch.set_num_threads(cfg.threads)
     rows = []
     for batch in sizes:
         x = random_inputs(cfg, models["static"], info, batch)

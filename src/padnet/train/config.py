@@ -35,10 +35,11 @@ TOKEN_MODES = ("none", "select", "merge")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
-#: keys a resumed run may change: where and how often it writes and evaluates, the device and
-#: the loader processes; not what it computes
+#: keys a resumed run may change: where and how often it writes and evaluates, the device,
+#: the loader processes and CPU threads; not what it computes (beyond the rounding a thread
+#: count changes)
 RESUME_FREE_KEYS = ("out_dir", "stop_after", "save_every", "eval_every", "eval_batch_size",
-                    "num_workers", "device")
+                    "num_workers", "device", "threads")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -50,9 +51,10 @@ def _opt(default: Any, help: str) -> Any:
 class ImpConfig:
     """Iterative mode partition options: the ``imp_*`` keys (``imp_score`` is ``score``).
 
-    The defaults (Taylor score, element granularity, global scope, static init ``keep``) are
-    the choices no alternative beat in the ablations of docs/RESULTS.md §3; random partitions,
-    whole channels, per-layer scope and pruning scored lowest there."""
+    The defaults (Taylor score, element granularity, global scope, static init ``keep``, 4
+    scoring batches) are the choices no alternative beat in the ablations of docs/RESULTS.md
+    (§3 and §3b on vision, §3c on text); pruning the static part scored among the lowest on
+    both."""
 
     mode: str = _opt("none", "none, oneshot (before training) or interleaved (during training)")
     iterations: int = _opt(5, "IMP iterations (kappa decreases over them)")
@@ -167,6 +169,8 @@ class TrainConfig:
     # run
     seed: int = _opt(0, "random seed")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    threads: int = _opt(0, "torch CPU threads (0: torch's default); CPU results are "
+                        "deterministic only at a fixed count")
     out_dir: str = _opt("runs/run", "run directory")
     eval_every: int = _opt(1, "evaluate every this many epochs")
     save_every: int = _opt(0, "optimizer steps between checkpoints (0: at epoch ends only)")
@@ -237,7 +241,7 @@ class TrainConfig:
         for key in ("num_kernels", "num_experts", "top_k", "imp_iterations", "imp_num_batches",
                     "batch_size", "epochs", "eval_every", "max_length"):
             check_int(flat[key], key, 1)
-        for key in ("num_workers", "warmup_steps", "save_every", "stop_after"):
+        for key in ("num_workers", "warmup_steps", "save_every", "stop_after", "threads"):
             check_int(flat[key], key, 0)
         for key in ("min_lr", "weight_decay", "momentum", "warmup_epochs", "grad_clip",
                     "aux_weight", "temperature_anneal_epochs"):
