@@ -37,6 +37,8 @@ def test_a_suite_expands_into_variants_times_seeds(suite, tmp_path) -> None:
     assert [r.cfg.seed for r in runs] == [0, 1, 0, 1]
     assert runs[0].cfg.method == "none" and runs[2].cfg.dynamic_ratio == 0.5
     assert runs[3].run_dir == tmp_path / "out" / "pad-seed1"
+    moved = load_suite(suite, {"out_dir": str(tmp_path / "elsewhere"), "threads": 1})
+    assert moved[3].run_dir == tmp_path / "elsewhere" / "pad-seed1" and moved[3].cfg.threads == 1
 
 
 def test_the_sweep_resumes_and_skips_finished_runs(suite, tmp_path, capsys) -> None:

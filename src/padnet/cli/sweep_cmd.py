@@ -3,7 +3,8 @@
 Every run of the suite (variants x seeds, see :mod:`padnet.train.sweep`) that has not finished
 is trained; a run interrupted earlier resumes from its checkpoint, a finished one is skipped.
 ``OUT/results.csv`` is rewritten after every run. Config keys given as flags apply to every run
-(e.g. ``--device cpu``, ``--data-root PATH``).
+(e.g. ``--device cpu``, ``--data-root PATH``, ``--threads 2``); ``--out-dir DIR`` moves the whole
+suite (OUT = DIR, each run in ``DIR/RUN``).
 
 After the runs (see :mod:`padnet.train.evidence`): ``--latency`` times the exported model of
 the first finished run of each variant beside the static model and writes ``OUT/latency.csv``;

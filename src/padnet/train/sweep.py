@@ -93,18 +93,21 @@ def suite_name(path: str | Path) -> str:
 
 def load_suite(path: str | Path, overrides: dict[str, Any] | None = None) -> list[SweepRun]:
     """The runs of the suite file ``path`` (variants in file order, then seeds); ``overrides``
-    (config keys) apply to every run, after the suite's own keys."""
+    (config keys) apply to every run, after the suite's own keys; an ``out_dir`` among them
+    moves the whole suite (each run goes to ``out_dir/RUN``)."""
     path = Path(path)
     suite = _read_suite(path)
     base = suite.get("base")
     base_path = (path.parent / base) if base is not None else None
     name = suite.get("name") or path.stem
-    out = Path(suite.get("out_dir") or Path("results") / "experiments" / name)
+    overrides = dict(overrides or {})
+    out = Path(overrides.pop("out_dir", None) or suite.get("out_dir")
+               or Path("results") / "experiments" / name)
     runs = []
     for variant, keys in suite["variants"].items():
         for seed in suite.get("seeds", [0]):
             run = f"{variant}-seed{seed}"
-            merged = {**(suite.get("config") or {}), **(keys or {}), **(overrides or {}),
+            merged = {**(suite.get("config") or {}), **(keys or {}), **overrides,
                       "seed": seed, "out_dir": str(out / run)}
             try:
                 cfg = load_config(base_path, merged)
