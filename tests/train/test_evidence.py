@@ -12,6 +12,7 @@ from padnet.cli.main import main
 from padnet.train.evidence import (
     curve_stats,
     holm_adjust,
+    plot_curves,
     plot_layer_ratios,
     render_table,
     significance_table,
@@ -221,7 +222,32 @@ def test_update_tables_fills_placeholders_and_refreshes_tables(tmp_path) -> None
     assert significance_table(rows) + "\n\nend" in text and "old" not in text
 
 
-def test_layer_ratio_plot_of_eleven_runs_and_a_run_without_imp(tmp_path) -> None:
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The figures the plotting functions write, kept open for inspection."""
+    import padnet.train.evidence as evidence
+
+    figures = []
+    real = evidence._save_figure
+    monkeypatch.setattr(evidence, "_save_figure",
+                        lambda fig, path: (figures.append(fig), real(fig, path)))
+    return figures
+
+
+def test_learning_curves_of_eleven_variants_have_eleven_colours(tmp_path, saved_figures):
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_rgba
+
+    rows = [{"variant": f"v{i}", "epoch": e, "train_loss": 1 / e + i, "val_acc": 0.1 * e}
+            for i in range(11) for e in (1, 2)]
+    plot_curves(rows, tmp_path / "curves.png")
+    (fig,) = saved_figures
+    for ax in fig.axes:
+        lines = ax.get_lines()
+        assert len(lines) == 11 and len({to_rgba(line.get_color()) for line in lines}) == 11
+
+
+def test_layer_ratio_plot_of_eleven_runs_and_a_run_without_imp(tmp_path, saved_figures) -> None:
     pytest.importorskip("matplotlib")
     import json
 
@@ -234,6 +260,8 @@ def test_layer_ratio_plot_of_eleven_runs_and_a_run_without_imp(tmp_path) -> None
         runs.append(run)
     out = plot_layer_ratios(runs, tmp_path / "plots" / "layers.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bars = saved_figures[0].axes[0].containers  # one group of bars per run, each its colour
+    assert len({tuple(group.patches[0].get_facecolor()) for group in bars}) == 11
     static = tmp_path / "static-seed0"
     static.mkdir()
     (static / "summary.json").write_text(json.dumps({"imp": None}))

@@ -370,16 +370,27 @@ def plot_suite(rows: Sequence[dict[str, Any]], out: str | Path, *, title: str = 
                            out.with_name(out.name + "_kappa.png"), legend_size=8))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name, group in group_by_variant(rows).items():
+    groups = group_by_variant(rows)
+    for (name, group), colour in zip(groups.items(), _series_colors(len(groups)), strict=True):
         params, accs = _floats(group, "stored_params"), _floats(group, metric)
         if params and accs:
             mean, std = _mean_std(accs)
-            ax.errorbar([params[0]], [mean], yerr=[std], marker="o", capsize=3, label=name)
+            ax.errorbar([params[0]], [mean], yerr=[std], marker="o", capsize=3, label=name,
+                        color=colour)
     ax.set_xscale("log")
     ax.set_xlabel("stored parameters (training form)")
     written.append(_finish(fig, ax, label, title or "accuracy against size",
                            out.with_name(out.name + "_params.png"), legend_size=7))
     return written
+
+
+def _series_colors(n: int) -> list[Any]:
+    """``n`` distinct colours for the series of one figure: matplotlib's default cycle (ten
+    colours) while it suffices, tab20's twenty beyond that instead of repeating a colour."""
+    import matplotlib.pyplot as plt
+
+    palette = plt.get_cmap("tab20").colors if n > 10 else [f"C{i}" for i in range(10)]
+    return [palette[i % len(palette)] for i in range(n)]
 
 
 def _finish(fig: Any, ax: Any, ylabel: str, title: str, path: Path, *,
@@ -420,12 +431,10 @@ def plot_layer_ratios(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
         series[Path(run_dir).name] = ratios
     fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(layers) + 2) + 2.0, 3.8))
     width = 0.8 / len(series)
-    # more runs than the default cycle's ten colours would repeat a colour: take tab20's then
-    colors = plt.get_cmap("tab20").colors if len(series) > 10 else [None] * len(series)
-    for i, (name, ratios) in enumerate(series.items()):
+    colours = _series_colors(len(series))
+    for i, ((name, ratios), colour) in enumerate(zip(series.items(), colours, strict=True)):
         xs = [j + i * width for j in range(len(layers))]
-        ax.bar(xs, [ratios.get(n, 0.0) for n in layers], width=width, label=name,
-               color=colors[i % len(colors)])
+        ax.bar(xs, [ratios.get(n, 0.0) for n in layers], width=width, label=name, color=colour)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))])
     ax.set_xticklabels(layers, rotation=70, fontsize=7, ha="right")
     ax.set_ylabel("dynamic ratio")
@@ -480,11 +489,13 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, label in ((axes[0], "train_loss", "training loss"),
                               (axes[1], "val_acc", "validation accuracy")):
-        for variant, points in curve_stats(rows, metric).items():
+        curves = curve_stats(rows, metric)
+        for (variant, points), colour in zip(curves.items(), _series_colors(len(curves)),
+                                             strict=True):
             epochs = [p[0] for p in points]
-            (line,) = ax.plot(epochs, [p[1] for p in points], marker=".", label=variant)
+            ax.plot(epochs, [p[1] for p in points], marker=".", label=variant, color=colour)
             ax.fill_between(epochs, [p[1] - p[2] for p in points],
-                            [p[1] + p[2] for p in points], color=line.get_color(), alpha=0.15)
+                            [p[1] + p[2] for p in points], color=colour, alpha=0.15)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
