@@ -171,6 +171,14 @@ def test_latency_and_report_of_a_finished_suite(tmp_path, capsys) -> None:
         assert (row["val_acc"], row["train_loss"]) == (same["val_acc"], same["train_loss"])
     assert "<!-- table: summary" in out and "latency ×static b=4" in out
     assert "<!-- table: significance" in out and "| pad_0.5 |" in out
+    # a moved suite: --out-dir (and any config key) reaches --latency and --report as well
+    (tmp_path / "out").rename(tmp_path / "moved")
+    flags = ["--out-dir", str(tmp_path / "moved"), "--threads", "1"]
+    assert main(["sweep", str(suite), "--latency", "--reps", "1", "--batch-sizes", "2",
+                 *flags]) == 0
+    assert (tmp_path / "moved" / "latency.csv").is_file()
+    assert main(["sweep", str(suite), "--report", str(tmp_path / "doc2"), *flags]) == 0
+    assert (tmp_path / "doc2" / "tiny_latency.csv").stat().st_size > 0
 
 
 def test_curve_stats_average_each_epoch_over_the_seeds() -> None:

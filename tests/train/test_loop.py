@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from padnet.train import load_config, train
-from padnet.train.build import lr_at
+from padnet.train.build import load_run, lr_at
 from tiny_data import write_tiny_npz
 
 TINY = ["--model", "resnet8", "--width", "4", "--batch-size", "16", "--val-fraction", "0.25",
@@ -129,6 +129,9 @@ def test_the_threads_key_sets_and_records_the_cpu_thread_count(tiny_npz, tmp_pat
     assert torch.get_num_threads() == 2
     assert result.summary["environment"]["torch_threads"] == 2
     assert load_config(tmp_path / "run" / "config.yaml").threads == 2
+    torch.set_num_threads(1)
+    load_run(tmp_path / "run", with_data=False)  # eval, export, bench: the run's own count
+    assert torch.get_num_threads() == 2
     with pytest.raises(ValueError, match="threads"):
         tiny_config(tiny_npz, tmp_path / "bad", "--threads", "-1").validate()
 

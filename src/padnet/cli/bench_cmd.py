@@ -66,15 +66,14 @@ def run(args: argparse.Namespace) -> int:
 
     import padnet
     from padnet.bench import measure_latency
-    from padnet.train.build import random_inputs
+    from padnet.train.build import random_inputs, use_threads
     from padnet.utils.checks import check_int
     from padnet.utils.io import atomic_write
 
     sizes = batch_sizes(args.batch_sizes)
     check_int(args.reps, "--reps", 1)
     cfg, models, info = _models(args)
-    if cfg.threads:  # the config key (--threads N, or the run's own setting)
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg)  # for a model built from flags (load_run set a run's own count)
     rows = []
     for batch in sizes:
         x = random_inputs(cfg, models["static"], info, batch)

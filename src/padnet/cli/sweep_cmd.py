@@ -4,7 +4,7 @@ Every run of the suite (variants x seeds, see :mod:`padnet.train.sweep`) that ha
 is trained; a run interrupted earlier resumes from its checkpoint, a finished one is skipped.
 ``OUT/results.csv`` is rewritten after every run. Config keys given as flags apply to every run
 (e.g. ``--device cpu``, ``--data-root PATH``, ``--threads 2``); ``--out-dir DIR`` moves the whole
-suite (OUT = DIR, each run in ``DIR/RUN``).
+suite (OUT = DIR, each run in ``DIR/RUN``), for ``--latency`` and ``--report`` too.
 
 After the runs (see :mod:`padnet.train.evidence`): ``--latency`` times the exported model of
 the first finished run of each variant beside the static model and writes ``OUT/latency.csv``;
@@ -42,12 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _report(suite: Path, directory: Path) -> None:
+def _report(suite: Path, directory: Path, overrides: dict) -> None:
     from padnet.train import evidence
     from padnet.train.sweep import RESULT_COLUMNS, load_suite, read_results, suite_name
     from padnet.utils.io import save_csv
 
-    runs = load_suite(suite)
+    runs = load_suite(suite, overrides)
     name = suite_name(suite)
     results = runs[0].run_dir.parent / "results.csv"
     if not results.is_file():
@@ -82,6 +82,7 @@ def _report(suite: Path, directory: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from padnet.train.sweep import run_suite
 
+    overrides = config_overrides(args)
     if args.latency or args.report is not None:
         from padnet.train.evidence import measure_suite_latency
         from padnet.utils.checks import check_int
@@ -89,10 +90,10 @@ def run(args: argparse.Namespace) -> int:
         check_int(args.reps, "--reps", 1)
         if args.latency:
             measure_suite_latency(args.suite, batch_sizes=batch_sizes(args.batch_sizes),
-                                  reps=args.reps)
+                                  reps=args.reps, overrides=overrides)
         if args.report is not None:
-            _report(args.suite, args.report)
+            _report(args.suite, args.report, overrides)
         return 0
-    run_suite(args.suite, overrides=config_overrides(args), only=args.only,
+    run_suite(args.suite, overrides=overrides, only=args.only,
               dry_run=args.dry_run, quiet=not args.progress)
     return 0

@@ -39,6 +39,7 @@ __all__ = [
     "model_outputs",
     "random_inputs",
     "run_weights",
+    "use_threads",
 ]
 
 MINILM = "minilm"
@@ -389,6 +390,13 @@ class LoadedRun:
     info: dict[str, Any]
 
 
+def use_threads(cfg: TrainConfig) -> None:
+    """Set torch's CPU thread count to the config's ``threads`` (0: leave torch's own). CPU
+    results are deterministic only at a fixed count, so a run keeps the count it trained with."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
 def load_run(
     run_dir: str | Path, *, overrides: Sequence[str] | dict = (), checkpoint: bool = False,
     with_data: bool = True,
@@ -396,6 +404,7 @@ def load_run(
     """Rebuild the model of a run directory from its ``config.yaml`` (plus ``overrides``) and
     load its weights (safetensors, strict, the sha256 of every tensor checked). The data is
     loaded when ``with_data`` is set or the weights do not record the number of classes.
+    torch takes the run's thread count (:func:`use_threads`), so it evaluates as it trained.
     A damaged weights file raises :class:`~padnet.utils.io.CorruptFileError` naming it."""
     from padnet.train.config import load_config
     from padnet.utils.io import CorruptFileError, load_safetensors, read_safetensors_metadata
@@ -404,6 +413,7 @@ def load_run(
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml", overrides)
+    use_threads(cfg)
     weights = run_weights(run_dir, checkpoint=checkpoint)
     final = weights == run_dir / "model.safetensors"
     fix = ("use the run's latest checkpoint instead (--checkpoint), or train the run again"

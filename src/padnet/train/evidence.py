@@ -257,28 +257,29 @@ def _architecture(cfg: Any, info: dict[str, Any]) -> tuple:
 
 
 def measure_suite_latency(path: str | Path, *, batch_sizes: Sequence[int] = (1, 32),
-                          reps: int = 20, threads: int | None = None,
+                          reps: int = 20, overrides: dict[str, Any] | None = None,
                           log: Any = print) -> list[dict[str, Any]]:
     """Time the exported model of the first finished run of each variant beside the static
     model of its architecture and write ``OUT/latency.csv``: all variants of one architecture and
     the static model in one measurement (same inputs, repetitions interleaved across all of
     them, medians), so that a change of machine load falls on every model alike. A static
-    variant is timed like the others, so its ratio shows the noise floor."""
+    variant is timed like the others, so its ratio shows the noise floor. ``overrides`` are the
+    config keys given to the sweep: ``out_dir`` finds a moved suite, ``threads`` replaces the
+    runs' own thread count (which :func:`~padnet.train.build.load_run` sets otherwise)."""
     import torch
 
     import padnet
     from padnet.bench import measure_latency
     from padnet.train.build import build_model, load_run, random_inputs
 
-    if threads is not None:
-        torch.set_num_threads(threads)
-    runs = load_suite(path)
+    runs = load_suite(path, overrides)
+    threads = {"threads": overrides["threads"]} if overrides and "threads" in overrides else {}
     out = runs[0].run_dir.parent
     groups: dict[tuple, dict[str, Any]] = {}
     for run in runs:
         if run.status() != "done" or any(run.variant in g["models"] for g in groups.values()):
             continue
-        loaded = load_run(run.run_dir, with_data=False)
+        loaded = load_run(run.run_dir, with_data=False, overrides=threads)
         cfg, info = loaded.cfg, loaded.info
         group = groups.get(_architecture(cfg, info))
         if group is None:

@@ -47,6 +47,7 @@ from padnet.train.build import (
     build_model,
     build_optimizer,
     input_channels,
+    use_threads,
 )
 from padnet.train.config import TrainConfig
 from padnet.train.distributed import (
@@ -105,8 +106,7 @@ class Trainer:
         self.dist = dist if dist is not None else init_distributed(cfg.device)
         self.device = self.dist.device
         self.run_dir = run_dir if run_dir is not None else RunDir(cfg.out_dir, self.dist.is_main)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        use_threads(cfg)
         seed_everything(cfg.seed)
         self.splits = splits if splits is not None else build_data(cfg)
         self.in_chans = input_channels(cfg, self.splits)
